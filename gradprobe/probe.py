@@ -1,0 +1,672 @@
+"""``probe()``: initialise, run forward and backward, record per-layer statistics, restore → Report.
+
+How the user's model stays exactly as it was, without a copy of the model:
+
+* The initializer never writes into the user's parameters. The probe creates one new tensor per
+  distinct parameter (shared parameters stay shared), swaps them into the modules'
+  ``_parameters`` for the duration of the run, initialises *them*, and swaps the originals back in a
+  ``finally``. Buffers are swapped for clones the same way, so BatchNorm's running statistics and
+  ``num_batches_tracked`` are untouched. Under ``init="keep"`` the user's own parameters are used
+  (read only) and only buffers are swapped.
+* Gradients come from ``torch.autograd.grad``, never ``.backward()``, so no ``.grad`` is touched.
+* Every module's ``training`` flag, the global torch/CUDA/numpy/python RNG states, and the hooks are
+  restored or removed in ``finally`` blocks, also when the model raises midway.
+
+Memory: the activations of one batch (as in any forward/backward), one set of new parameters when
+the init is not ``keep``, one float64 scratch buffer of 16 MiB, and per-unit running moments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradprobe.errors import GradprobeError, ProbeError, UsageError
+from gradprobe.hooks import ActivationTracer, ModuleState, Recorder, describe_inputs, select_modules, select_output
+from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
+from gradprobe.stats import DeviceMoments
+
+__all__ = ["probe", "ProbeConfig", "LOSSES", "Batch"]
+
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+
+LOSSES = ("randn", "mse", "ce")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Options of one probe (see :func:`probe` for their meaning)."""
+
+    init: Any = "keep"  # initializer spec: a name, "name:key=value", or an Initializer
+    overrides: Mapping[str, Any] | None = None  # module-name glob → initializer spec
+    loss: str | Callable[[Any], torch.Tensor] = "randn"  # how the backward pass is seeded
+    seed: int = 0  # seeds the initializer, the loss cotangent/targets and dropout
+    output: str | int | Callable[[Any], Any] | None = None  # which part of the output the loss uses
+    include: Sequence[Any] | None = None  # extra modules (containers) to record, by glob or type
+    exclude: Sequence[Any] | None = None  # modules not to record, by glob or type
+    mode: str = "train"  # "train" (BatchNorm batch statistics, dropout on) or "eval"
+    device: str | torch.device | None = None  # run on this device (the model itself is not moved)
+    saturation_derivative: float = 0.1  # saturated where φ′(z)/φ′(0) is below this
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _as_batch(item: Any) -> Batch:
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, tuple):
+        return item, {}
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    raise UsageError(
+        f"cannot use a {type(item).__name__} as model input",
+        hint="pass a tensor, a tuple of positional arguments, a dict of keyword arguments, or a list of those",
+    )
+
+
+def normalize_batches(inputs: Any) -> list[Batch]:
+    """A tensor, tuple (positional args) or dict (keyword args) is one batch; any other iterable
+    (a list, a generator, a DataLoader) yields several batches, each of those forms."""
+    if isinstance(inputs, (torch.Tensor, tuple, Mapping)):
+        return [_as_batch(inputs)]
+    if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        batches = [_as_batch(b) for b in inputs]
+        if not batches:
+            raise UsageError("no input batches given", hint="pass at least one tensor, tuple or dict")
+        return batches
+    return [_as_batch(inputs)]
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_value(loss: Any, raw_output: Any, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The scalar whose gradient the probe records.
+
+    * ``"randn"`` (default): ``L = Σ v ⊙ y / √D`` with ``v ~ N(0, 1)`` of the output's shape and
+      ``D`` the output elements per sample (all but the first dimension). Each sample's output
+      gradient then has unit energy whatever the output size, so gradient statistics measure the
+      network's own backward scaling from a fixed starting point.
+    * ``"mse"``: ``F.mse_loss(y, t)`` (mean over elements) against a random target ``t ~ N(0, 1)``.
+    * ``"ce"``: ``F.cross_entropy`` (mean over samples) over the *last* dimension of the output with
+      class targets drawn uniformly at random.
+    * a callable: ``loss(output)`` on the model's full raw output, returning a scalar tensor.
+    """
+    if callable(loss):
+        value = loss(raw_output)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise UsageError("a loss callable must return a scalar tensor")
+        return value.reshape(())
+    y = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+    if loss == "randn":
+        v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
+        per_sample = y.numel() // y.shape[0] if y.dim() >= 1 and y.shape[0] else max(1, y.numel())
+        return (y * v).sum() / math.sqrt(max(1, per_sample))
+    if loss == "mse":
+        t = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
+        return torch.nn.functional.mse_loss(y, t)
+    if loss == "ce":
+        if y.dim() < 1 or y.shape[-1] < 2:
+            raise UsageError(f"loss 'ce' needs class scores in the last dimension; the output has shape {list(y.shape)}")
+        classes = y.shape[-1]
+        flat = y.reshape(-1, classes)
+        t = torch.randint(0, classes, (flat.shape[0],), generator=generator).to(y.device)
+        return torch.nn.functional.cross_entropy(flat, t)
+    raise UsageError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} or a callable output -> scalar")
+
+
+# --------------------------------------------------------------------------------------------
+# State that must come back exactly
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_global_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's training flag and all global RNG states on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    torch_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    np_rng = np.random.get_state()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+
+
+@contextlib.contextmanager
+def swapped(
+    model: nn.Module,
+    params: Mapping[int, nn.Parameter] | None,
+    buffers: Mapping[int, torch.Tensor] | None,
+) -> Iterator[None]:
+    """Temporarily replace parameters and buffers (by identity of the original) in every module."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    rnns: list[nn.Module] = []
+    try:
+        for module in model.modules():
+            for table, mapping in ((module._parameters, params), (module._buffers, buffers)):
+                if not mapping:
+                    continue
+                for name, value in list(table.items()):
+                    if value is not None and id(value) in mapping:
+                        saved.append((table, name, value))
+                        table[name] = mapping[id(value)]
+            if isinstance(module, nn.RNNBase):
+                rnns.append(module)
+                module._init_flat_weights()
+        yield
+    finally:
+        for table, name, value in reversed(saved):
+            table[name] = value
+        for module in rnns:
+            module._init_flat_weights()
+
+
+def unwrap(model: Any) -> nn.Module:
+    """Probe the module inside DDP/DataParallel wrappers and ``torch.compile`` results."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+        )
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------
+
+
+def probe(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    init: Any = "keep",
+    loss: str | Callable[[Any], torch.Tensor] = "randn",
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+    output: str | int | Callable[[Any], Any] | None = None,
+    include: Sequence[Any] | None = None,
+    exclude: Sequence[Any] | None = None,
+    mode: str = "train",
+    device: str | torch.device | None = None,
+    saturation_derivative: float = 0.1,
+    diagnose: bool = True,
+    thresholds: Mapping[str, Any] | None = None,
+) -> Report:
+    """Run ``model`` forward and backward under an initializer and record per-layer statistics.
+
+    Args:
+        model: any ``nn.Module`` (DDP/DataParallel wrappers and ``torch.compile`` results are
+            unwrapped; the module itself is probed eagerly). It is left exactly as it was.
+        inputs: a tensor, a tuple (positional arguments), a dict (keyword arguments), or a list or
+            other iterable of those (several batches, merged into one set of statistics). Floating
+            inputs are fed as fresh leaves that require grad, so every layer gets a gradient.
+        init: initializer name or spec (``"kaiming_normal"``, ``"normal:std=0.02"``), or an
+            :class:`~gradprobe.initializers.Initializer`; ``"keep"`` probes the weights as built.
+        loss: ``"randn"``, ``"mse"``, ``"ce"`` or a callable ``output -> scalar`` (see
+            :func:`_loss_value` for exactly what each computes).
+        seed: seeds the initializer, the loss's random cotangent/targets and dropout.
+        overrides: ``{module-name glob: init spec}``, e.g. ``{"head": "zeros"}``.
+        output: which part of a tuple/dict/dataclass output the built-in losses use (key,
+            attribute, index or callable); by default ``logits`` if present, else the first floating
+            tensor.
+        include, exclude: module-name globs or module types to add (containers) or drop.
+        mode: ``"train"`` or ``"eval"`` for the duration of the probe.
+        device: probe on this device; parameters and buffers are created there and the model
+            itself is not moved.
+        saturation_derivative: an activation is saturated where φ′(z)/φ′(0) is below this.
+        diagnose: run :func:`gradprobe.diagnose` and fill ``report.findings`` and ``verdict``.
+        thresholds: options passed to the diagnosis.
+
+    Returns:
+        a :class:`~gradprobe.report.Report`.
+
+    >>> import torch, gradprobe
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> report = gradprobe.probe(net, torch.randn(16, 8), init="kaiming_normal", diagnose=False)
+    >>> [layer.name for layer in report.layers]
+    ['0', '1', '2']
+    >>> report["1"].activation is None and report["0"].activation
+    'relu'
+    """
+    from gradprobe.initializers import InitPlan
+
+    if mode not in ("train", "eval"):
+        raise UsageError(f"unknown mode {mode!r}; valid: train, eval")
+    if not (isinstance(loss, str) and loss in LOSSES) and not callable(loss):
+        raise UsageError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} or a callable output -> scalar")
+    cfg = ProbeConfig(
+        init=init,
+        overrides=overrides,
+        loss=loss,
+        seed=seed,
+        output=output,
+        include=include,
+        exclude=exclude,
+        mode=mode,
+        device=device,
+        saturation_derivative=saturation_derivative,
+    )
+    plan = InitPlan.from_spec(init, overrides)
+    model = unwrap(model)
+    batches = normalize_batches(inputs)
+    with preserved_global_state(model):
+        session = _Session(model, plan, cfg)
+        report = session.run(batches)
+    if diagnose:
+        from gradprobe.diagnose import diagnose as run_diagnosis
+
+        report.findings = run_diagnosis(report, **dict(thresholds or {}))
+        report.verdict = "unstable" if any(f.severity == "error" for f in report.findings) else "stable"
+    return report
+
+
+class _Session:
+    """One probe run: parameters, buffers, hooks and the passes over the batches."""
+
+    def __init__(self, model: nn.Module, plan: Any, cfg: ProbeConfig) -> None:
+        self.model = model
+        self.plan = plan
+        self.cfg = cfg
+        self.device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+        self.modules = select_modules(model, cfg.include, cfg.exclude)
+        self.keep = plan.is_keep and self.device == _model_device(model)
+        self.activations: dict[str, tuple[str, float | None]] = {}
+        self.gains: dict[str, float] = {}
+        self.init_desc: dict[str, str] = {}
+
+    # -- parameters and buffers ---------------------------------------------------------------
+    def _new_tensors(self) -> tuple[dict[int, nn.Parameter] | None, dict[int, torch.Tensor]]:
+        buffers: dict[int, torch.Tensor] = {}
+        for b in self.model.buffers():
+            if id(b) not in buffers:
+                buffers[id(b)] = b.detach().to(self.device, copy=True)
+        if self.keep:
+            return None, buffers
+        params: dict[int, nn.Parameter] = {}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if id(p) not in params:
+                    params[id(p)] = nn.Parameter(p.detach().to(self.device, copy=True), requires_grad=p.requires_grad)
+        return params, buffers
+
+    def _initialise(self, params: dict[int, nn.Parameter] | None, buffers: dict[int, torch.Tensor]) -> list[str]:
+        """Apply the plan to the new parameters; return modules whose parameters were kept as built."""
+        kept: list[str] = []
+        if params is None:
+            for name, module in self.model.named_modules():
+                if any(p is not None for p in module._parameters.values()):
+                    self.init_desc[name or "model"] = "keep"
+            return kept
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # `default` uses each module's reset_parameters and the global RNG
+        from gradprobe.theory import activation_gain
+
+        with swapped(self.model, params, buffers):
+            for raw, module in self.model.named_modules():
+                name = raw or "model"
+                if not any(p is not None for p in module._parameters.values()):
+                    continue
+                initializer = self.plan.for_module(name)
+                act = self.activations.get(name)
+                gain = activation_gain(act[0], act[1]) if act is not None else 1.0
+                self.gains[name] = gain
+                try:
+                    handled = initializer.init_module_(module, gain=gain, generator=generator)
+                except GradprobeError:
+                    raise
+                except Exception as e:  # an initializer that cannot handle this shape
+                    raise ProbeError(
+                        f"initializer {initializer.describe()} failed on module `{name}` ({type(module).__name__}): {e}"
+                    ) from e
+                if handled:
+                    self.init_desc[name] = initializer.describe()
+                else:
+                    self.init_desc[name] = "kept as built"
+                    kept.append(name)
+            for module in self.model.modules():
+                if isinstance(module, nn.RNNBase):
+                    module._init_flat_weights()
+        return kept
+
+    # -- running ------------------------------------------------------------------------------
+    def _prepare(self, batch: Batch) -> Batch:
+        args, kwargs = batch
+
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device)
+            if t.is_floating_point():
+                return t.detach().requires_grad_(True)
+            return t
+
+        return _map_tensors(args, leaf), _map_tensors(kwargs, leaf)
+
+    def _forward(self, recorder: Recorder | None, batch: Batch) -> Any:
+        args, kwargs = batch
+        try:
+            return self.model(*args, **kwargs)
+        except GradprobeError:
+            raise
+        except Exception as e:
+            where, seen = recorder.failure_context() if recorder is not None else (None, "")
+            if where is None or where == "model":
+                where_text = f"in the model's forward ({type(self.model).__name__})"
+                seen = seen or describe_inputs(args, kwargs)
+            else:
+                module = dict(self.model.named_modules()).get(where)
+                where_text = f"in module `{where}` ({type(module).__name__})"
+            done = f" after {recorder.completed} module calls completed" if recorder is not None else ""
+            raise ProbeError(
+                f"forward failed {where_text} on input {seen}{done}: {type(e).__name__}: {e}",
+                hint="check the input shape and dtype (--input) against what the model expects",
+            ) from e
+
+    def _trace_activations(self, batch: Batch, buffers: dict[int, torch.Tensor]) -> None:
+        tracer = ActivationTracer(self.model)
+        with swapped(self.model, None, buffers), torch.no_grad(), tracer.attached():
+            self._forward(None, batch)
+        self.activations = dict(tracer.found)
+
+    def run(self, batches: list[Batch]) -> Report:
+        self.model.train(self.cfg.mode == "train")
+        params, buffers = self._new_tensors()
+        prepared = [self._prepare(b) for b in batches]
+        fresh_buffers = {k: v.clone() for k, v in buffers.items()}
+        if not self.keep:
+            # Gains depend on which activation follows each layer: trace a forward pass first.
+            self._trace_activations(prepared[0], fresh_buffers)
+            fresh_buffers = {k: v.clone() for k, v in buffers.items()}
+        kept = self._initialise(params, fresh_buffers)
+        states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False)
+        layers = self._layers(states, param_stats)
+        if any(x.act is not None and x.act.moments.nonfinite_units for x in layers) or any(
+            x.grad is not None and x.grad.moments.nonfinite_units for x in layers
+        ):
+            # Rare: count non-finite values exactly and check module inputs, in a second identical pass.
+            states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=True)
+            layers = self._layers(states, param_stats)
+            for layer in layers:
+                layer.extra["inputs_finite"] = states[layer.name].inputs_finite
+        meta = self._meta(batches, kept)
+        report = Report(layers=layers, meta=meta)
+        self._attach_unit_analysis(report, params, grads)
+        return report
+
+    def _passes(
+        self,
+        prepared: list[Batch],
+        params: dict[int, nn.Parameter] | None,
+        buffers: dict[int, torch.Tensor],
+        *,
+        exact_nonfinite: bool,
+    ) -> tuple[dict[str, ModuleState], dict[str, list[torch.Tensor]], dict[int, torch.Tensor]]:
+        torch.manual_seed(self.cfg.seed)  # dropout: the same masks every time
+        loss_gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        run_buffers = {k: v.clone() for k, v in buffers.items()}
+        trainable: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for p in self.model.parameters():
+            q = p if params is None else params[id(p)]
+            if q.requires_grad and id(q) not in seen:
+                seen.add(id(q))
+                trainable.append(q)
+        grad_sq = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in trainable]
+        last_grads: dict[int, torch.Tensor] = {}
+        recorder = Recorder(
+            self.model,
+            self.modules,
+            saturation_ratio=self.cfg.saturation_derivative,
+            exact_nonfinite=exact_nonfinite,
+        )
+        tracer = ActivationTracer(self.model) if self.keep and not exact_nonfinite else None
+        with swapped(self.model, params, run_buffers), recorder:
+            for batch in prepared:
+                with tracer.attached() if tracer is not None else contextlib.nullcontext():
+                    raw = self._forward(recorder, batch)
+                out = select_output(raw, self.cfg.output)
+                if out is None or not out.is_floating_point():
+                    raise ProbeError(
+                        f"the model's output ({type(raw).__name__}) has no floating-point tensor to back-propagate from",
+                        hint="pass output=<key or index> to pick one, or a loss callable",
+                    )
+                value = _loss_value(self.cfg.loss, raw, out, loss_gen)
+                float_inputs = [t for t in _leaves_of(batch) if t.requires_grad]
+                targets = trainable + float_inputs
+                if not value.requires_grad or not targets:
+                    raise ProbeError(
+                        "the output is not differentiable: no parameter or floating input requires grad",
+                        hint="check that the model's parameters require grad and its forward does not detach",
+                    )
+                try:
+                    grads = torch.autograd.grad(value, targets, allow_unused=True)
+                except RuntimeError as e:
+                    raise ProbeError(f"backward failed: {e}") from e
+                for i, g in enumerate(grads[: len(trainable)]):
+                    if g is not None:
+                        grad_sq[i] = grad_sq[i] + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+                        last_grads[id(trainable[i])] = g
+                recorder.stack.clear()
+            if tracer is not None:
+                self.activations = dict(tracer.found)
+        # Parameter statistics: one small tensor per parameter, transferred with everything else.
+        index = {id(q): i for i, q in enumerate(trainable)}
+        param_stats: dict[str, list[torch.Tensor]] = {}
+        for raw_name, module in self.model.named_modules():
+            name = raw_name or "model"
+            if name not in recorder.states:
+                continue
+            rows = []
+            for p in module._parameters.values():
+                if p is None:
+                    continue
+                q = p if params is None else params[id(p)]
+                qd = q.detach()
+                mean = qd.mean(dtype=torch.float64) if qd.numel() else torch.zeros((), dtype=torch.float64)
+                sq = qd.to(torch.float64).square().mean() if qd.numel() else torch.zeros((), dtype=torch.float64)
+                i = index.get(id(q))
+                gsq = grad_sq[i] if i is not None and id(q) in last_grads else torch.tensor(-1.0, dtype=torch.float64)
+                rows.append(torch.stack([mean.to(self.device), sq.to(self.device), gsq.to(self.device)]))
+            if rows:
+                param_stats[name] = rows
+        self._batches = len(prepared)
+        return recorder.states, param_stats, last_grads
+
+    # -- results ------------------------------------------------------------------------------
+    def _layers(self, states: dict[str, ModuleState], param_stats: dict[str, list[torch.Tensor]]) -> list[LayerRecord]:
+        from gradprobe.initializers import fans
+
+        ordered = sorted(states.values(), key=lambda s: s.index)
+        # One host transfer for everything: flatten every accumulated tensor into one float64 vector.
+        parts: list[torch.Tensor] = []
+        slots: list[tuple[str, str, list[int]]] = []  # (layer, "act" | "grad" | "param", sizes)
+        for st in ordered:
+            for kind, acc in (("act", st.act), ("grad", st.grad)):
+                if not acc.empty:
+                    tensors = acc.pack()
+                    slots.append((st.name, kind, [t.numel() for t in tensors]))
+                    parts.extend(t.reshape(-1).to(torch.float64) for t in tensors)
+            for t in param_stats.get(st.name, []):
+                slots.append((st.name, "param", [t.numel()]))
+                parts.append(t.reshape(-1))
+        flat = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
+        unpacked: dict[tuple[str, str], list[np.ndarray]] = {}
+        pstats: dict[str, list[np.ndarray]] = {}
+        pos = 0
+        for name, kind, sizes in slots:
+            chunks = []
+            for n in sizes:
+                chunks.append(flat[pos : pos + n].copy())
+                pos += n
+            if kind == "param":
+                pstats.setdefault(name, []).append(chunks[0])
+            else:
+                unpacked[(name, kind)] = chunks
+
+        modules = dict(self.model.named_modules())
+        layers: list[LayerRecord] = []
+        for st in ordered:
+            module = modules["" if st.name == "model" else st.name]
+            eps = st.elements_per_sample
+            act = grad = None
+            if not st.act.empty:
+                act = TensorStats.from_moments(DeviceMoments.unpack(unpacked[(st.name, "act")], st.act.rows, st.act.calls), eps)
+            if not st.grad.empty:
+                grad = TensorStats.from_moments(
+                    DeviceMoments.unpack(unpacked[(st.name, "grad")], st.grad.rows, st.grad.calls), eps
+                )
+            params_out: list[ParamRecord] = []
+            rows = iter(pstats.get(st.name, []))
+            for pname, p in module._parameters.items():
+                if p is None:
+                    continue
+                mean, sq, gsq = (float(v) for v in next(rows))
+                try:
+                    fan_in, fan_out = fans(module, pname)
+                except Exception:
+                    fan_in = fan_out = None
+                params_out.append(
+                    ParamRecord(
+                        name=pname,
+                        shape=list(p.shape),
+                        numel=p.numel(),
+                        requires_grad=p.requires_grad,
+                        mean=mean,
+                        var=max(sq - mean * mean, 0.0),
+                        rms=math.sqrt(sq),
+                        fan_in=fan_in,
+                        fan_out=fan_out,
+                        grad_sq_sum=None if gsq < 0 else gsq,
+                        batches=self._batches if gsq >= 0 else 0,
+                    )
+                )
+            act_name = self.activations.get(st.name)
+            layers.append(
+                LayerRecord(
+                    name=st.name,
+                    type=st.module_type,
+                    index=st.index,
+                    calls=st.calls,
+                    output_shape=st.output_shape or [],
+                    unit_axis=st.unit_axis,
+                    elements_per_sample=eps,
+                    activation=act_name[0] if act_name else None,
+                    activation_param=act_name[1] if act_name else None,
+                    gain=self.gains.get(st.name),
+                    initializer=self.init_desc.get(st.name),
+                    act=act,
+                    grad=grad,
+                    params=params_out,
+                    outputs_skipped=st.outputs_skipped,
+                    grad_missing=st.grad_missing,
+                )
+            )
+        return layers
+
+    def _meta(self, batches: list[Batch], kept: list[str]) -> dict[str, Any]:
+        import gradprobe
+
+        first = _first_tensor(batches[0])
+        batch_size = int(first.shape[0]) if first is not None and first.dim() >= 1 else 1
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
+        called = {m for m in self.modules}
+        return {
+            "gradprobe_version": gradprobe.__version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "model": type(self.model).__name__,
+            "device": str(self.device),
+            "dtypes": dtypes,
+            "seed": self.cfg.seed,
+            "init": self.plan.describe(),
+            "loss": self.cfg.loss if isinstance(self.cfg.loss, str) else getattr(self.cfg.loss, "__name__", "callable"),
+            "mode": self.cfg.mode,
+            "batch_size": batch_size,
+            "batches": len(batches),
+            "samples": batch_size * len(batches),
+            "modules_selected": len(called),
+            "kept_as_built": kept,
+        }
+
+    def _attach_unit_analysis(
+        self, report: Report, params: dict[int, nn.Parameter] | None, grads: dict[int, torch.Tensor]
+    ) -> None:
+        """Symmetry analysis needs the initialised weights and their gradients: do it while we have them."""
+        try:
+            from gradprobe.diagnose.units import analyse_units
+        except ImportError:
+            return
+        analyse_units(report, self.model, params, grads)
+
+
+def _leaves_of(batch: Batch) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+
+    walk(batch)
+    return out

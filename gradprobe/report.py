@@ -1,0 +1,441 @@
+"""The probe's result as plain data: layers in execution order, their statistics, and run metadata.
+
+A :class:`Report` is what every other part of gradprobe reads: diagnosis rules, renderers, the CLI and
+the CI gate. It holds no tensors and no reference to the model. ``to_dict``/``to_json`` and
+``Report.from_json`` round-trip exactly; non-finite floats are written as the strings ``"nan"``,
+``"inf"`` and ``"-inf"`` so that the JSON stays strict.
+
+JSON fields named in the public contract (users' CI scripts read them): ``schema``,
+``layers[].name``, ``layers[].type``, ``layers[].act_var``, ``layers[].grad_var`` (null where the
+layer got no gradient), ``findings[]`` (``code``, ``severity``, ``layers``, ``message``,
+``suggestion``, ``evidence``) and ``verdict``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradprobe.stats import Moments
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TensorStats",
+    "ParamRecord",
+    "LayerRecord",
+    "Report",
+    "encode_float",
+    "decode_float",
+]
+
+SCHEMA_VERSION = "gradprobe.report/1"
+
+
+def encode_float(x: float | None) -> float | str | None:
+    """A float for strict JSON: non-finite values become "nan", "inf" or "-inf"."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def decode_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, str):
+        return float(x)  # "nan", "inf", "-inf"
+    return float(x)
+
+
+def _enc_tree(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return encode_float(obj)
+    if isinstance(obj, dict):
+        return {k: _enc_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_enc_tree(v) for v in obj]
+    return obj
+
+
+@dataclass
+class TensorStats:
+    """Summary of every tensor one module produced (activation) or received (gradient).
+
+    All statistics are over every element the module produced across calls and batches; ``var`` is
+    the population variance (divide by the count). ``energy`` is the per-sample energy
+    ``E[x²]·(elements per sample)``, the depth metric that survives shape changes (flatten, pooling,
+    heads). ``dead_units`` counts units whose maximum over everything seen is ≤ 0 (only meaningful
+    after a ReLU-family activation; the diagnosis decides where it applies).
+    """
+
+    count: int
+    mean: float
+    var: float
+    rms: float
+    min: float
+    max: float
+    zero_fraction: float
+    nonfinite: int | None
+    units: int
+    unit_var_min: float
+    unit_var_median: float
+    unit_var_max: float
+    dead_units: int
+    saturated_fraction: float | None
+    energy: float
+    moments: Moments
+
+    @classmethod
+    def from_moments(cls, m: Moments, elements_per_sample: int) -> TensorStats:
+        mean, var = m.global_mean_var()
+        unit_var = m.unit_var()
+        second = var + mean * mean
+        count = m.count
+        return cls(
+            count=count,
+            mean=mean,
+            var=var,
+            rms=math.sqrt(second) if second >= 0 else math.nan,
+            min=float(np.min(m.unit_min)) if m.units else math.nan,
+            max=float(np.max(m.unit_max)) if m.units else math.nan,
+            zero_fraction=m.zeros / count if count else math.nan,
+            nonfinite=m.nonfinite,
+            units=m.units,
+            unit_var_min=float(np.min(unit_var)),
+            unit_var_median=float(np.median(unit_var)),
+            unit_var_max=float(np.max(unit_var)),
+            dead_units=int((m.unit_max <= 0).sum()),
+            saturated_fraction=None if m.saturated is None else m.saturated / count,
+            energy=second * elements_per_sample,
+            moments=m,
+        )
+
+    def to_dict(self, include_moments: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in (
+                "count",
+                "mean",
+                "var",
+                "rms",
+                "min",
+                "max",
+                "zero_fraction",
+                "nonfinite",
+                "units",
+                "unit_var_min",
+                "unit_var_median",
+                "unit_var_max",
+                "dead_units",
+                "saturated_fraction",
+                "energy",
+            )
+        }
+        d = _enc_tree(d)
+        if include_moments:
+            d["moments"] = _enc_tree(self.moments.to_dict())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], elements_per_sample: int) -> TensorStats:
+        if "moments" in d:
+            return cls.from_moments(Moments.from_dict(d["moments"]), elements_per_sample)
+        raise ValueError("cannot rebuild TensorStats without its moments")
+
+
+@dataclass
+class ParamRecord:
+    """One parameter owned directly by a module, as initialised for the probe, and its gradient.
+
+    ``grad_rms`` is the root mean square of the gradient, averaged over batches (each batch's
+    gradient is taken on its own); ``grad_to_weight`` is ‖∇W‖/‖W‖ with the same averaging.
+    ``grad_sq_sum`` (sum over batches of ‖∇W‖²) and ``batches`` are kept so reports merge exactly.
+    """
+
+    name: str
+    shape: list[int]
+    numel: int
+    requires_grad: bool
+    mean: float
+    var: float
+    rms: float
+    fan_in: int | None
+    fan_out: int | None
+    grad_sq_sum: float | None
+    batches: int
+
+    @property
+    def grad_rms(self) -> float | None:
+        if self.grad_sq_sum is None or not self.batches or not self.numel:
+            return None
+        return math.sqrt(self.grad_sq_sum / self.batches / self.numel)
+
+    @property
+    def grad_to_weight(self) -> float | None:
+        g = self.grad_rms
+        if g is None:
+            return None
+        return g / self.rms if self.rms > 0 else (math.inf if g > 0 else math.nan)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "shape": self.shape,
+            "numel": self.numel,
+            "requires_grad": self.requires_grad,
+            "mean": self.mean,
+            "var": self.var,
+            "rms": self.rms,
+            "fan_in": self.fan_in,
+            "fan_out": self.fan_out,
+            "grad_rms": self.grad_rms,
+            "grad_to_weight": self.grad_to_weight,
+            "grad_sq_sum": self.grad_sq_sum,
+            "batches": self.batches,
+        }
+        return _enc_tree(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParamRecord:
+        return cls(
+            name=d["name"],
+            shape=list(d["shape"]),
+            numel=int(d["numel"]),
+            requires_grad=bool(d["requires_grad"]),
+            mean=decode_float(d["mean"]),  # type: ignore[arg-type]
+            var=decode_float(d["var"]),  # type: ignore[arg-type]
+            rms=decode_float(d["rms"]),  # type: ignore[arg-type]
+            fan_in=d["fan_in"],
+            fan_out=d["fan_out"],
+            grad_sq_sum=decode_float(d["grad_sq_sum"]),
+            batches=int(d["batches"]),
+        )
+
+
+@dataclass
+class LayerRecord:
+    """One probed module, in execution order (the order of its first call).
+
+    Attributes:
+        name: qualified module name (``"layer3.1.conv2"``; the root module is ``"model"``).
+        type: the module's class name.
+        index: position in execution order.
+        calls: forward calls merged (a shared module or an RNN loop is called several times).
+        output_shape: shape of the first recorded output.
+        unit_axis: the axis holding units (channels/features), None for one unit.
+        activation: the pointwise nonlinearity found to follow this layer at run time (``"relu"``,
+            ``"tanh"``, …), None when none was detected; ``activation_param`` its parameter.
+        gain: the gain an auto-gain initializer used for this layer.
+        initializer: what initialised this module's own parameters (``"kaiming_normal(...)"``,
+            ``"kept as built"``), None for parameter-free modules.
+        act, grad: statistics of the outputs and of the gradients with respect to the outputs.
+        grad_var, act_var: shortcuts (public JSON fields).
+        outputs_skipped: calls whose output was not a floating tensor (not recorded).
+        grad_missing: recorded calls whose output did not require grad (no gradient statistics).
+        extra: analysis attached after the run (symmetry groups, theory predictions, …).
+    """
+
+    name: str
+    type: str
+    index: int
+    calls: int
+    output_shape: list[int]
+    unit_axis: int | None
+    elements_per_sample: int
+    activation: str | None = None
+    activation_param: float | None = None
+    gain: float | None = None
+    initializer: str | None = None
+    act: TensorStats | None = None
+    grad: TensorStats | None = None
+    params: list[ParamRecord] = field(default_factory=list)
+    outputs_skipped: int = 0
+    grad_missing: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def act_var(self) -> float | None:
+        return None if self.act is None else self.act.var
+
+    @property
+    def grad_var(self) -> float | None:
+        return None if self.grad is None else self.grad.var
+
+    def param(self, name: str) -> ParamRecord | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def to_dict(self, include_moments: bool = True) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "index": self.index,
+            "calls": self.calls,
+            "output_shape": self.output_shape,
+            "unit_axis": self.unit_axis,
+            "elements_per_sample": self.elements_per_sample,
+            "activation": self.activation,
+            "activation_param": self.activation_param,
+            "gain": encode_float(self.gain),
+            "initializer": self.initializer,
+            "act_var": encode_float(self.act_var),
+            "grad_var": encode_float(self.grad_var),
+            "act": None if self.act is None else self.act.to_dict(include_moments),
+            "grad": None if self.grad is None else self.grad.to_dict(include_moments),
+            "params": [p.to_dict() for p in self.params],
+            "outputs_skipped": self.outputs_skipped,
+            "grad_missing": self.grad_missing,
+            "extra": _enc_tree(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
+        eps = int(d["elements_per_sample"])
+        return cls(
+            name=d["name"],
+            type=d["type"],
+            index=int(d["index"]),
+            calls=int(d["calls"]),
+            output_shape=list(d["output_shape"]),
+            unit_axis=d["unit_axis"],
+            elements_per_sample=eps,
+            activation=d["activation"],
+            activation_param=d["activation_param"],
+            gain=decode_float(d["gain"]),
+            initializer=d["initializer"],
+            act=None if d["act"] is None else TensorStats.from_dict(d["act"], eps),
+            grad=None if d["grad"] is None else TensorStats.from_dict(d["grad"], eps),
+            params=[ParamRecord.from_dict(p) for p in d["params"]],
+            outputs_skipped=int(d["outputs_skipped"]),
+            grad_missing=int(d["grad_missing"]),
+            extra=_dec_tree(d.get("extra", {})),
+        )
+
+    def merge(self, other: LayerRecord) -> LayerRecord:
+        """Exact merge with the same module's record from another process or batch set."""
+
+        def both(a: TensorStats | None, b: TensorStats | None) -> TensorStats | None:
+            if a is None:
+                return b
+            if b is None:
+                return a
+            return TensorStats.from_moments(a.moments.merge(b.moments), self.elements_per_sample)
+
+        params = []
+        for p in self.params:
+            q = other.param(p.name)
+            if q is None:
+                params.append(p)
+                continue
+            gsq = None if p.grad_sq_sum is None or q.grad_sq_sum is None else p.grad_sq_sum + q.grad_sq_sum
+            params.append(
+                ParamRecord(**{**p.__dict__, "grad_sq_sum": gsq, "batches": p.batches + q.batches})
+            )
+        return LayerRecord(
+            **{
+                **self.__dict__,
+                "calls": self.calls + other.calls,
+                "act": both(self.act, other.act),
+                "grad": both(self.grad, other.grad),
+                "params": params,
+                "outputs_skipped": self.outputs_skipped + other.outputs_skipped,
+                "grad_missing": self.grad_missing + other.grad_missing,
+            }
+        )
+
+
+def _dec_tree(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _dec_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_dec_tree(v) for v in obj]
+    if obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    return obj
+
+
+@dataclass
+class Report:
+    """Everything one probe measured, as plain data.
+
+    ``meta`` holds the run metadata (gradprobe and torch versions, device, dtypes, seed, init,
+    loss, batch size, batches, mode, and counts of what was skipped). ``findings`` and ``verdict``
+    are filled by :func:`gradprobe.diagnose`.
+    """
+
+    layers: list[LayerRecord]
+    meta: dict[str, Any]
+    findings: list[Any] = field(default_factory=list)
+    verdict: str | None = None
+    schema: str = SCHEMA_VERSION
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers: {', '.join(x.name for x in self.layers[:10])}…")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def errors(self) -> list[Any]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def to_dict(self, include_moments: bool = True) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "meta": _enc_tree(self.meta),
+            "verdict": self.verdict,
+            "findings": [f.to_dict() for f in self.findings],
+            "layers": [layer.to_dict(include_moments) for layer in self.layers],
+        }
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        schema = d.get("schema", "")
+        if not str(schema).startswith("gradprobe.report/"):
+            from gradprobe.errors import UsageError
+
+            raise UsageError(f"not a gradprobe report (schema {schema!r}, expected {SCHEMA_VERSION!r})")
+        from gradprobe.diagnose.finding import Finding
+
+        return cls(
+            layers=[LayerRecord.from_dict(x) for x in d["layers"]],
+            meta=_dec_tree(d["meta"]),
+            findings=[Finding.from_dict(f) for f in d.get("findings", [])],
+            verdict=d.get("verdict"),
+            schema=schema,
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Report:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def merge(self, other: Report) -> Report:
+        """Exact merge of two reports of the same model (e.g. two ranks, or two batch sets)."""
+        names = [x.name for x in self.layers]
+        if names != [x.name for x in other.layers]:
+            raise ValueError("reports cover different layers; merge reports of the same model and init")
+        meta = dict(self.meta)
+        for key in ("batch_size", "batches", "samples"):
+            if key in meta and key in other.meta:
+                meta[key] = meta[key] + other.meta[key]
+        return Report(layers=[a.merge(b) for a, b in zip(self.layers, other.layers)], meta=meta)

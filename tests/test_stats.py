@@ -1,0 +1,125 @@
+"""Streaming moments against direct float64 computation, and the exact merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradprobe.stats import DeviceMoments, Moments, Scratch, as_units, chan_merge
+
+
+def _moments(*tensors: torch.Tensor, axis: int | None) -> Moments:
+    acc = DeviceMoments(Scratch())
+    for t in tensors:
+        acc.add(t, axis)
+    parts = [p.detach().cpu().numpy().astype(np.float64).reshape(-1) for p in acc.pack()]
+    return DeviceMoments.unpack(parts, acc.rows, acc.calls)
+
+
+def _direct(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    v = as_units(x.double(), axis)
+    return v.mean(dim=(0, 2)), v.var(dim=(0, 2), unbiased=False)
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((257, 33), 1), ((8, 16, 9, 7), 1), ((4, 12, 20), 2), ((4, 12, 20), 1), ((50,), None), ((3, 5, 2, 2, 2), 1)],
+)
+def test_per_unit_and_global_match_direct_float64(shape: tuple[int, ...], axis: int | None) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3 + 0.5
+    x[x.abs() < 0.05] = 0.0
+    m = _moments(x, axis=axis)
+    mean, var = _direct(x, axis)
+    np.testing.assert_allclose(m.mean, mean.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m.unit_var(), var.numpy(), rtol=1e-10)
+    gm, gv = m.global_mean_var()
+    assert gm == pytest.approx(x.double().mean().item(), rel=1e-12, abs=1e-14)
+    assert gv == pytest.approx(x.double().var(unbiased=False).item(), rel=1e-12)
+    assert m.zeros == int((x == 0).sum())
+    assert m.unit_max.max() == x.max().item() and m.unit_min.min() == x.min().item()
+
+
+def test_large_mean_small_spread_is_exact() -> None:
+    """float32 sum/sum-of-squares loses every digit here (REFERENCE: mean 1e4, std 1)."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4096, 64, generator=g) + 1e4).float()
+    m = _moments(x, axis=1)
+    _, direct = _direct(x, 1)
+    np.testing.assert_allclose(m.unit_var(), direct.numpy(), rtol=1e-9)
+    # the naive float32 formula is far off, so this test can tell the difference
+    naive = (x * x).mean(0) - x.mean(0) ** 2
+    assert (naive.double() - direct).abs().max() > 0.1
+
+
+def test_streaming_over_batches_equals_concatenation_and_merge_is_exact() -> None:
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 4, 6, 6, generator=g) * (i + 1) + i for i, n in enumerate((3, 17, 8))]
+    streamed = _moments(*batches, axis=1)
+    whole = _moments(torch.cat(batches), axis=1)
+    np.testing.assert_allclose(streamed.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(streamed.m2, whole.m2, rtol=1e-11)
+    assert streamed.calls == 3 and whole.calls == 1
+    # host-side merge of separately accumulated halves (as across processes)
+    a, b = _moments(*batches[:2], axis=1), _moments(batches[2], axis=1)
+    merged = a.merge(b)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-11)
+    assert merged.rows == whole.rows and merged.zeros == whole.zeros
+
+
+def test_chunking_path_is_exercised_and_exact() -> None:
+    # more than the 2 Mi-element scratch: several chunks along the first axis
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 64, 40, 40, generator=g)
+    m = _moments(x, axis=1)
+    mean, var = _direct(x, 1)
+    np.testing.assert_allclose(m.unit_var(), var.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(m.mean, mean.numpy(), atol=1e-12)
+
+
+def test_bfloat16_input_statistics_are_float64_accurate() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 32, generator=g).to(torch.bfloat16)
+    m = _moments(x, axis=1)
+    mean, var = _direct(x.double(), 1)  # the exact statistics of the bf16 values
+    np.testing.assert_allclose(m.unit_var(), var.numpy(), rtol=1e-10)
+
+
+def test_nonfinite_is_flagged_and_counted_when_asked() -> None:
+    x = torch.randn(16, 8)
+    x[3, 2] = float("nan")
+    x[5, 7] = float("inf")
+    m = _moments(x, axis=1)
+    assert m.nonfinite_units == 2 and m.nonfinite is None  # flagged, not yet counted
+    acc = DeviceMoments(Scratch())
+    acc.add(x, 1, count_nonfinite=True)
+    parts = [p.numpy().reshape(-1) for p in acc.pack()]
+    assert DeviceMoments.unpack(parts, acc.rows, acc.calls).nonfinite == 2
+    clean = _moments(torch.randn(16, 8), axis=1)
+    assert clean.nonfinite == 0 and clean.nonfinite_units == 0
+
+
+def test_saturation_count() -> None:
+    y = torch.tensor([[0.0, 0.5, 0.96, -0.99], [0.1, -0.2, 0.3, 0.95]])
+    acc = DeviceMoments(Scratch())
+    acc.add(y, 1, saturation=(0.0, 0.9486832980505138))  # tanh, φ′ < 0.1
+    parts = [p.numpy().reshape(-1) for p in acc.pack()]
+    assert DeviceMoments.unpack(parts, acc.rows, acc.calls).saturated == 3
+
+
+def test_chan_merge_scalar_and_array_forms_agree() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=100), rng.normal(3, 2, size=50)
+    n, mean, m2 = chan_merge(100, a.mean(), a.var() * 100, 50, b.mean(), b.var() * 50)
+    both = np.concatenate([a, b])
+    assert n == 150 and mean == pytest.approx(both.mean(), rel=1e-14)
+    assert m2 / n == pytest.approx(both.var(), rel=1e-13)
+
+
+def test_moments_json_round_trip_is_exact() -> None:
+    m = _moments(torch.randn(32, 5), axis=1)
+    back = Moments.from_dict(m.to_dict())
+    np.testing.assert_array_equal(back.mean, m.mean)
+    np.testing.assert_array_equal(back.m2, m.m2)
+    assert back.rows == m.rows and back.calls == m.calls

@@ -233,8 +233,6 @@ class Recorder:
     """Forward hooks on the chosen modules and gradient hooks on their outputs.
 
     Use as a context manager: every hook is removed on exit, also when the forward pass raises.
-    While attached, it also keeps a stack of the modules currently executing (with their inputs) so
-    that a failure can be attributed to the innermost module and the shapes it saw.
     """
 
     def __init__(
@@ -254,16 +252,10 @@ class Recorder:
         self._order = 0
         self._handles: list[Any] = []
         self._axes = _TensorTags()
-        self.stack: list[tuple[str, Any, Any]] = []
-        self.completed = 0
 
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self) -> Recorder:
         try:
-            for name, module in self.model.named_modules():
-                name = name or "model"
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(name), with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._make_post_hook(name)))
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
         except BaseException:
@@ -280,21 +272,10 @@ class Recorder:
         self._handles.clear()
         self._axes.clear()
 
-    # -- failure attribution ---------------------------------------------------------------
-    def _make_pre_hook(self, name: str) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            self.stack.append((name, args, kwargs))
-
-        return pre_hook
-
-    def _make_post_hook(self, name: str) -> Callable[..., None]:
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            # Not called when forward raises, so the failing frames stay on the stack.
-            if self.stack and self.stack[-1][0] == name:
-                self.stack.pop()
-                self.completed += 1
-
-        return post_hook
+    @property
+    def completed(self) -> int:
+        """Recorded module calls so far (for "failed after N module calls")."""
+        return sum(st.calls for st in self.states.values())
 
     # -- statistics ------------------------------------------------------------------------
     def _state(self, name: str, module: nn.Module) -> ModuleState:
@@ -344,7 +325,9 @@ class Recorder:
             st.act.add(x, axis, st.saturation, self.exact_nonfinite)
             if self.exact_nonfinite:
                 finite = all(
-                    bool(torch.isfinite(t).all()) for t in _leaves(args) if isinstance(t, torch.Tensor) and _floating(t)
+                    bool(torch.isfinite(t).all())
+                    for t in _leaves(args)
+                    if isinstance(t, torch.Tensor) and _floating(t)
                 )
                 st.inputs_finite = finite if st.inputs_finite is None else (st.inputs_finite and finite)
         if x.requires_grad:
@@ -362,13 +345,6 @@ class Recorder:
 
         return grad_hook
 
-    def failure_context(self) -> tuple[str | None, str]:
-        """The innermost module that was executing, and a description of its inputs."""
-        if not self.stack:
-            return None, ""
-        name, args, kwargs = self.stack[-1]
-        return name, describe_inputs(args, kwargs)
-
 
 def describe_inputs(args: Any, kwargs: Any = None) -> str:
     def one(v: Any) -> str:
@@ -380,9 +356,31 @@ def describe_inputs(args: Any, kwargs: Any = None) -> str:
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k}: {one(x)}" for k, x in v.items()) + "}"
         return type(v).__name__
+
     parts = [one(a) for a in (args if isinstance(args, tuple) else (args,))]
     parts += [f"{k}={one(v)}" for k, v in (kwargs or {}).items()]
     return ", ".join(parts)
+
+
+def failure_context(model: nn.Module, error: BaseException) -> tuple[str | None, str]:
+    """The innermost module executing when ``error`` was raised, and a description of its inputs.
+
+    Read from the traceback (the frames of ``Module._call_impl``), so normal runs pay nothing.
+    """
+    names = {id(m): (n or "model") for n, m in model.named_modules()}
+    found: tuple[str | None, str] = (None, "")
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl"):
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and id(module) in names:
+                found = (
+                    names[id(module)],
+                    describe_inputs(frame.f_locals.get("args", ()), frame.f_locals.get("kwargs")),
+                )
+        tb = tb.tb_next
+    return found
 
 
 def _in_backward() -> bool:
@@ -522,7 +520,9 @@ class ActivationTracer(TorchFunctionMode):
 
         return tagger
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         fname = getattr(func, "__name__", "")
@@ -535,9 +535,13 @@ class ActivationTracer(TorchFunctionMode):
                     if layer not in self.found:
                         self.found[layer] = (_ACTIVATION_FUNCS[base], _activation_param(base, args, kwargs))
                 else:
-                    first = out if isinstance(out, torch.Tensor) else next(
-                        (o for o in out if isinstance(o, torch.Tensor)), None
-                    ) if isinstance(out, (tuple, list)) else None
+                    first = (
+                        out
+                        if isinstance(out, torch.Tensor)
+                        else next((o for o in out if isinstance(o, torch.Tensor)), None)
+                        if isinstance(out, (tuple, list))
+                        else None
+                    )
                     if first is not None:
                         self._tags.set(first, layer)
         return out

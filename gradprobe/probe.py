@@ -31,7 +31,15 @@ import torch
 from torch import nn
 
 from gradprobe.errors import GradprobeError, ProbeError, UsageError
-from gradprobe.hooks import ActivationTracer, ModuleState, Recorder, describe_inputs, select_modules, select_output
+from gradprobe.hooks import (
+    ActivationTracer,
+    ModuleState,
+    Recorder,
+    describe_inputs,
+    failure_context,
+    select_modules,
+    select_output,
+)
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
 from gradprobe.stats import DeviceMoments
 
@@ -56,6 +64,10 @@ class ProbeConfig:
     mode: str = "train"  # "train" (BatchNorm batch statistics, dropout on) or "eval"
     device: str | torch.device | None = None  # run on this device (the model itself is not moved)
     saturation_derivative: float = 0.1  # saturated where φ′(z)/φ′(0) is below this
+    gate_check: bool | None = None  # None: only when some gradient is zero or far below the output's
+    gate_steps: int = 3  # Adam steps on the probe's own copy of the parameters
+    gate_lr: float = 1e-3  # Adam's step: moves a zero gate by about this much per step
+    gate_ratio: float = 1e-8  # a layer's gradient energy below this × the largest triggers the check
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,9 +88,15 @@ def _as_batch(item: Any) -> Batch:
     )
 
 
+class Batches(list):  # type: ignore[type-arg]
+    """Batches already in ``(args, kwargs)`` form (passed through :func:`normalize_batches` as is)."""
+
+
 def normalize_batches(inputs: Any) -> list[Batch]:
     """A tensor, tuple (positional args) or dict (keyword args) is one batch; any other iterable
     (a list, a generator, a DataLoader) yields several batches, each of those forms."""
+    if isinstance(inputs, Batches):
+        return list(inputs)
     if isinstance(inputs, (torch.Tensor, tuple, Mapping)):
         return [_as_batch(inputs)]
     if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
@@ -144,7 +162,9 @@ def _loss_value(loss: Any, raw_output: Any, out: torch.Tensor, generator: torch.
         return torch.nn.functional.mse_loss(y, t)
     if loss == "ce":
         if y.dim() < 1 or y.shape[-1] < 2:
-            raise UsageError(f"loss 'ce' needs class scores in the last dimension; the output has shape {list(y.shape)}")
+            raise UsageError(
+                f"loss 'ce' needs class scores in the last dimension; the output has shape {list(y.shape)}"
+            )
         classes = y.shape[-1]
         flat = y.reshape(-1, classes)
         t = torch.randint(0, classes, (flat.shape[0],), generator=generator).to(y.device)
@@ -162,7 +182,9 @@ def preserved_global_state(model: nn.Module) -> Iterator[None]:
     """Restore every module's training flag and all global RNG states on exit."""
     flags = [(m, m.training) for m in model.modules()]
     torch_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     py_rng = random.getstate()
     np_rng = np.random.get_state()
     try:
@@ -212,7 +234,9 @@ def unwrap(model: Any) -> nn.Module:
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for _ in range(4):
         inner = getattr(model, "_orig_mod", None) or (
-            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+            model.module
+            if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+            else None
         )
         if not isinstance(inner, nn.Module):
             break
@@ -249,6 +273,10 @@ def probe(
     saturation_derivative: float = 0.1,
     diagnose: bool = True,
     thresholds: Mapping[str, Any] | None = None,
+    suggest: bool = False,
+    gate_check: bool | None = None,
+    gate_steps: int = 3,
+    gate_lr: float = 1e-3,
 ) -> Report:
     """Run ``model`` forward and backward under an initializer and record per-layer statistics.
 
@@ -274,6 +302,14 @@ def probe(
         saturation_derivative: an activation is saturated where φ′(z)/φ′(0) is below this.
         diagnose: run :func:`gradprobe.diagnose` and fill ``report.findings`` and ``verdict``.
         thresholds: options passed to the diagnosis.
+        suggest: when the verdict is unstable, probe again with the suggested initializer and
+            record in ``report.meta["suggestion"]`` whether it then passes.
+        gate_check: a layer whose gradient is exactly zero or tiny may sit behind a zero gate (a
+            zero-init head, zero-γ, ReZero α = 0) rather than vanish. The check takes
+            ``gate_steps`` Adam steps (learning rate ``gate_lr``) on the probe's *own copy* of the
+            parameters and measures again, storing ``layer.extra["after_steps"]`` and
+            ``report.meta["gate_check"]``. None (default) runs it only when some layer's gradient
+            energy is zero or below 1e-8 of the largest; True always; False never.
 
     Returns:
         a :class:`~gradprobe.report.Report`.
@@ -303,6 +339,9 @@ def probe(
         mode=mode,
         device=device,
         saturation_derivative=saturation_derivative,
+        gate_check=gate_check,
+        gate_steps=gate_steps,
+        gate_lr=gate_lr,
     )
     plan = InitPlan.from_spec(init, overrides)
     model = unwrap(model)
@@ -315,6 +354,33 @@ def probe(
 
         report.findings = run_diagnosis(report, **dict(thresholds or {}))
         report.verdict = "unstable" if any(f.severity == "error" for f in report.findings) else "stable"
+        if suggest and report.verdict == "unstable":
+            from gradprobe.diagnose import suggested_init
+
+            fix = suggested_init(report)
+            if fix is not None:
+                again = probe(
+                    model,
+                    Batches(batches),
+                    init=fix,
+                    loss=loss,
+                    seed=seed,
+                    output=output,
+                    include=include,
+                    exclude=exclude,
+                    mode=mode,
+                    device=device,
+                    saturation_derivative=saturation_derivative,
+                    thresholds=thresholds,
+                    gate_check=gate_check,
+                    gate_steps=gate_steps,
+                    gate_lr=gate_lr,
+                )
+                report.meta["suggestion"] = {
+                    "init": fix,
+                    "verdict": again.verdict,
+                    "errors": sorted({f.code for f in again.findings if f.severity == "error"}),
+                }
     return report
 
 
@@ -344,10 +410,14 @@ class _Session:
         with torch.no_grad():
             for p in self.model.parameters():
                 if id(p) not in params:
-                    params[id(p)] = nn.Parameter(p.detach().to(self.device, copy=True), requires_grad=p.requires_grad)
+                    params[id(p)] = nn.Parameter(
+                        p.detach().to(self.device, copy=True), requires_grad=p.requires_grad
+                    )
         return params, buffers
 
-    def _initialise(self, params: dict[int, nn.Parameter] | None, buffers: dict[int, torch.Tensor]) -> list[str]:
+    def _initialise(
+        self, params: dict[int, nn.Parameter] | None, buffers: dict[int, torch.Tensor]
+    ) -> list[str]:
         """Apply the plan to the new parameters; return modules whose parameters were kept as built."""
         kept: list[str] = []
         if params is None:
@@ -405,7 +475,7 @@ class _Session:
         except GradprobeError:
             raise
         except Exception as e:
-            where, seen = recorder.failure_context() if recorder is not None else (None, "")
+            where, seen = failure_context(self.model, e)
             if where is None or where == "model":
                 where_text = f"in the model's forward ({type(self.model).__name__})"
                 seen = seen or describe_inputs(args, kwargs)
@@ -446,8 +516,78 @@ class _Session:
                 layer.extra["inputs_finite"] = states[layer.name].inputs_finite
         meta = self._meta(batches, kept)
         report = Report(layers=layers, meta=meta)
+        if self._wants_gate_check(layers):
+            self._gate_check(report, prepared, params, buffers)
         self._attach_unit_analysis(report, params, grads)
         return report
+
+    def _wants_gate_check(self, layers: list[LayerRecord]) -> bool:
+        if self.cfg.gate_check is not None:
+            return self.cfg.gate_check
+        energies = [x.grad.energy for x in layers if x.grad is not None]
+        finite = [e for e in energies if math.isfinite(e)]
+        if not finite or len(finite) < len(energies):
+            return False  # nothing to compare, or non-finite values: a different problem
+        top = max(finite)
+        return top > 0 and any(e == 0 or e < self.cfg.gate_ratio * top for e in finite)
+
+    def _gate_check(
+        self,
+        report: Report,
+        prepared: list[Batch],
+        params: dict[int, nn.Parameter] | None,
+        buffers: dict[int, torch.Tensor],
+    ) -> None:
+        """A few Adam steps on a private copy of the parameters, then measure again.
+
+        Signal held back by a zero or small multiplicative gate (zero-init head, zero-γ, ReZero α=0,
+        LayerScale) starts to flow after a step or two; signal that truly vanishes does not.
+        """
+        steps: dict[int, nn.Parameter] = {}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if id(p) not in steps:
+                    src = p if params is None else params[id(p)]
+                    steps[id(p)] = nn.Parameter(
+                        src.detach().to(self.device, copy=True), requires_grad=p.requires_grad
+                    )
+        trainable = list({id(q): q for q in steps.values() if q.requires_grad}.values())
+        if not trainable:
+            return
+        optimizer = torch.optim.Adam(trainable, lr=self.cfg.gate_lr)
+        loss_gen = torch.Generator().manual_seed(self.cfg.seed + 2)
+        torch.manual_seed(self.cfg.seed)
+        step_buffers = {k: v.clone() for k, v in buffers.items()}
+        with swapped(self.model, steps, step_buffers):
+            for i in range(self.cfg.gate_steps):
+                batch = prepared[i % len(prepared)]
+                raw = self._forward(None, batch)
+                out = select_output(raw, self.cfg.output)
+                assert out is not None
+                value = _loss_value(self.cfg.loss, raw, out, loss_gen)
+                grads = torch.autograd.grad(value, trainable, allow_unused=True)
+                for q, g in zip(trainable, grads):
+                    q.grad = g
+                optimizer.step()
+                for q in trainable:
+                    q.grad = None
+        states, param_stats, _ = self._passes(prepared, steps, buffers, exact_nonfinite=False)
+        after = {x.name: x for x in self._layers(states, param_stats)}
+        for layer in report.layers:
+            a = after.get(layer.name)
+            if a is None:
+                continue
+            layer.extra["after_steps"] = {
+                "act_var": a.act_var,
+                "signal_var": None if a.act is None else a.act.signal_var,
+                "grad_var": a.grad_var,
+                "grad_energy": None if a.grad is None else a.grad.energy,
+            }
+        report.meta["gate_check"] = {
+            "steps": self.cfg.gate_steps,
+            "lr": self.cfg.gate_lr,
+            "optimizer": "adam",
+        }
 
     def _passes(
         self,
@@ -502,7 +642,6 @@ class _Session:
                     if g is not None:
                         grad_sq[i] = grad_sq[i] + torch.linalg.vector_norm(g, dtype=torch.float64).square()
                         last_grads[id(trainable[i])] = g
-                recorder.stack.clear()
             if tracer is not None:
                 self.activations = dict(tracer.found)
         # Parameter statistics: one small tensor per parameter, transferred with everything else.
@@ -519,9 +658,17 @@ class _Session:
                 q = p if params is None else params[id(p)]
                 qd = q.detach()
                 mean = qd.mean(dtype=torch.float64) if qd.numel() else torch.zeros((), dtype=torch.float64)
-                sq = qd.to(torch.float64).square().mean() if qd.numel() else torch.zeros((), dtype=torch.float64)
+                sq = (
+                    qd.to(torch.float64).square().mean()
+                    if qd.numel()
+                    else torch.zeros((), dtype=torch.float64)
+                )
                 i = index.get(id(q))
-                gsq = grad_sq[i] if i is not None and id(q) in last_grads else torch.tensor(-1.0, dtype=torch.float64)
+                gsq = (
+                    grad_sq[i]
+                    if i is not None and id(q) in last_grads
+                    else torch.tensor(-1.0, dtype=torch.float64)
+                )
                 rows.append(torch.stack([mean.to(self.device), sq.to(self.device), gsq.to(self.device)]))
             if rows:
                 param_stats[name] = rows
@@ -529,7 +676,9 @@ class _Session:
         return recorder.states, param_stats, last_grads
 
     # -- results ------------------------------------------------------------------------------
-    def _layers(self, states: dict[str, ModuleState], param_stats: dict[str, list[torch.Tensor]]) -> list[LayerRecord]:
+    def _layers(
+        self, states: dict[str, ModuleState], param_stats: dict[str, list[torch.Tensor]]
+    ) -> list[LayerRecord]:
         from gradprobe.initializers import fans
 
         ordered = sorted(states.values(), key=lambda s: s.index)
@@ -566,7 +715,9 @@ class _Session:
             eps = st.elements_per_sample
             act = grad = None
             if not st.act.empty:
-                act = TensorStats.from_moments(DeviceMoments.unpack(unpacked[(st.name, "act")], st.act.rows, st.act.calls), eps)
+                act = TensorStats.from_moments(
+                    DeviceMoments.unpack(unpacked[(st.name, "act")], st.act.rows, st.act.calls), eps
+                )
             if not st.grad.empty:
                 grad = TensorStats.from_moments(
                     DeviceMoments.unpack(unpacked[(st.name, "grad")], st.grad.rows, st.grad.calls), eps
@@ -635,7 +786,9 @@ class _Session:
             "dtypes": dtypes,
             "seed": self.cfg.seed,
             "init": self.plan.describe(),
-            "loss": self.cfg.loss if isinstance(self.cfg.loss, str) else getattr(self.cfg.loss, "__name__", "callable"),
+            "loss": self.cfg.loss
+            if isinstance(self.cfg.loss, str)
+            else getattr(self.cfg.loss, "__name__", "callable"),
             "mode": self.cfg.mode,
             "batch_size": batch_size,
             "batches": len(batches),

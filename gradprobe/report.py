@@ -119,6 +119,12 @@ class TensorStats:
             moments=m,
         )
 
+    @property
+    def signal_var(self) -> float:
+        """Mean over units of each unit's own variance: the between-sample signal, without the
+        per-unit offsets (a bias, a constant) that carry no information about the input."""
+        return float(np.mean(self.moments.unit_var())) if self.units else math.nan
+
     def to_dict(self, include_moments: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
             k: getattr(self, k)
@@ -138,6 +144,7 @@ class TensorStats:
                 "dead_units",
                 "saturated_fraction",
                 "energy",
+                "signal_var",
             )
         }
         d = _enc_tree(d)
@@ -336,9 +343,7 @@ class LayerRecord:
                 params.append(p)
                 continue
             gsq = None if p.grad_sq_sum is None or q.grad_sq_sum is None else p.grad_sq_sum + q.grad_sq_sum
-            params.append(
-                ParamRecord(**{**p.__dict__, "grad_sq_sum": gsq, "batches": p.batches + q.batches})
-            )
+            params.append(ParamRecord(**{**p.__dict__, "grad_sq_sum": gsq, "batches": p.batches + q.batches}))
         return LayerRecord(
             **{
                 **self.__dict__,

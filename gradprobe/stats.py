@@ -32,9 +32,7 @@ __all__ = ["Moments", "DeviceMoments", "Scratch", "chan_merge"]
 _SCRATCH_ELEMENTS = 1 << 21
 
 
-def chan_merge(
-    n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any
-) -> tuple[Any, Any, Any]:
+def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any) -> tuple[Any, Any, Any]:
     """Merge two (count, mean, M2) summaries exactly (Chan, Golub & LeVeque 1979).
 
     ``n = n_a + n_b``; ``δ = mean_b − mean_a``; ``mean = mean_a + δ·n_b/n``;
@@ -246,8 +244,10 @@ class DeviceMoments:
             self.zeros = self.zeros + zeros
         if saturation is not None:
             centre, threshold = saturation
-            sat = torch.count_nonzero((v - centre).abs_() > threshold) if centre else torch.count_nonzero(
-                v.abs() > threshold
+            sat = (
+                torch.count_nonzero((v - centre).abs_() > threshold)
+                if centre
+                else torch.count_nonzero(v.abs() > threshold)
             )
             self.saturated = sat if self.saturated is None else self.saturated + sat
         if count_nonfinite:

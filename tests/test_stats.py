@@ -24,7 +24,14 @@ def _direct(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize(
     "shape,axis",
-    [((257, 33), 1), ((8, 16, 9, 7), 1), ((4, 12, 20), 2), ((4, 12, 20), 1), ((50,), None), ((3, 5, 2, 2, 2), 1)],
+    [
+        ((257, 33), 1),
+        ((8, 16, 9, 7), 1),
+        ((4, 12, 20), 2),
+        ((4, 12, 20), 1),
+        ((50,), None),
+        ((3, 5, 2, 2, 2), 1),
+    ],
 )
 def test_per_unit_and_global_match_direct_float64(shape: tuple[int, ...], axis: int | None) -> None:
     g = torch.Generator().manual_seed(1)

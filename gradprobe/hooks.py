@@ -242,11 +242,13 @@ class Recorder:
         *,
         saturation_ratio: float = 0.1,
         exact_nonfinite: bool = False,
+        histograms: bool = False,
     ) -> None:
         self.model = model
         self.modules = modules
         self.saturation_ratio = saturation_ratio
         self.exact_nonfinite = exact_nonfinite
+        self.histograms = histograms
         self.scratch = Scratch()
         self.states: dict[str, ModuleState] = {}
         self._order = 0
@@ -322,7 +324,7 @@ class Recorder:
                 st.elements_per_sample = max(1, x.numel() // x.shape[0]) if x.dim() >= 1 and x.shape[0] else 1
             if axis != st.unit_axis and x.dim() > 0 and st.unit_axis is not None:
                 axis = st.unit_axis if st.unit_axis < x.dim() else axis
-            st.act.add(x, axis, st.saturation, self.exact_nonfinite)
+            st.act.add(x, axis, st.saturation, self.exact_nonfinite, self.histograms)
             if self.exact_nonfinite:
                 finite = all(
                     bool(torch.isfinite(t).all())
@@ -337,11 +339,11 @@ class Recorder:
             st.grad_missing += 1
 
     def _make_grad_hook(self, st: ModuleState, axis: int | None) -> Callable[[torch.Tensor], None]:
-        exact = self.exact_nonfinite
+        exact, hist = self.exact_nonfinite, self.histograms
 
         def grad_hook(g: torch.Tensor) -> None:
             with torch._C.DisableTorchFunction():
-                st.grad.add(g, axis, None, exact)
+                st.grad.add(g, axis, None, exact, hist)
 
         return grad_hook
 

@@ -68,6 +68,7 @@ class ProbeConfig:
     gate_steps: int = 3  # Adam steps on the probe's own copy of the parameters
     gate_lr: float = 1e-3  # Adam's step: moves a zero gate by about this much per step
     gate_ratio: float = 1e-8  # a layer's gradient energy below this × the largest triggers the check
+    histograms: bool = False  # bounded histograms of activations and gradients (a few more passes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +278,7 @@ def probe(
     gate_check: bool | None = None,
     gate_steps: int = 3,
     gate_lr: float = 1e-3,
+    histograms: bool = False,
 ) -> Report:
     """Run ``model`` forward and backward under an initializer and record per-layer statistics.
 
@@ -310,6 +312,9 @@ def probe(
             parameters and measures again, storing ``layer.extra["after_steps"]`` and
             ``report.meta["gate_check"]``. None (default) runs it only when some layer's gradient
             energy is zero or below 1e-8 of the largest; True always; False never.
+        histograms: also collect bounded histograms (fixed signed log-magnitude bins, see
+            :func:`gradprobe.stats.histogram_edges`) of every activation and gradient, in
+            ``layer.act.moments.histogram``; costs a few more passes per tensor.
 
     Returns:
         a :class:`~gradprobe.report.Report`.
@@ -342,6 +347,7 @@ def probe(
         gate_check=gate_check,
         gate_steps=gate_steps,
         gate_lr=gate_lr,
+        histograms=histograms,
     )
     plan = InitPlan.from_spec(init, overrides)
     model = unwrap(model)
@@ -375,6 +381,7 @@ def probe(
                     gate_check=gate_check,
                     gate_steps=gate_steps,
                     gate_lr=gate_lr,
+                    histograms=histograms,
                 )
                 report.meta["suggestion"] = {
                     "init": fix,
@@ -614,6 +621,7 @@ class _Session:
             self.modules,
             saturation_ratio=self.cfg.saturation_derivative,
             exact_nonfinite=exact_nonfinite,
+            histograms=self.cfg.histograms,
         )
         tracer = ActivationTracer(self.model) if self.keep and not exact_nonfinite else None
         with swapped(self.model, params, run_buffers), recorder:
@@ -656,13 +664,17 @@ class _Session:
                 if p is None:
                     continue
                 q = p if params is None else params[id(p)]
-                qd = q.detach()
-                mean = qd.mean(dtype=torch.float64) if qd.numel() else torch.zeros((), dtype=torch.float64)
-                sq = (
-                    qd.to(torch.float64).square().mean()
-                    if qd.numel()
-                    else torch.zeros((), dtype=torch.float64)
-                )
+                # Exact float64 moments through the recorder's scratch buffer (a float64 `mean` of a
+                # float32 tensor is several times slower on CPU).
+                acc = DeviceMoments(recorder.scratch)
+                acc.add(q.detach(), None)
+                zero = torch.zeros((), dtype=torch.float64, device=self.device)
+                if acc.empty:
+                    mean, sq = zero, zero
+                else:
+                    assert acc.mean is not None and acc.m2 is not None
+                    mean = acc.mean[0]
+                    sq = acc.m2[0] / acc.rows + mean * mean
                 i = index.get(id(q))
                 gsq = (
                     grad_sq[i]

@@ -25,7 +25,30 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Moments", "DeviceMoments", "Scratch", "chan_merge"]
+__all__ = ["Moments", "DeviceMoments", "Scratch", "chan_merge", "HIST_EDGES", "histogram_edges"]
+
+# Bounded histograms: fixed signed log-magnitude bins, so that no per-layer range has to be known (a
+# host sync) before binning, and histograms of any scale merge by adding counts. Bins, in order:
+# negative values from -1e12 up to -1e-12 (HIST_PER_DECADE bins per decade, the outermost bins also
+# take anything beyond), exact zeros (and |x| < 1e-12), then the positive mirror image.
+HIST_LOG10_MIN = -12
+HIST_LOG10_MAX = 12
+HIST_PER_DECADE = 4
+_HIST_SIDE = (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_PER_DECADE
+HIST_BINS = 2 * _HIST_SIDE + 1
+
+
+def histogram_edges() -> np.ndarray:
+    """The magnitude edges of one side: ``10**(HIST_LOG10_MIN + k / HIST_PER_DECADE)``.
+
+    Bin ``_HIST_SIDE + 1 + k`` of a histogram holds positive values in ``[edge[k], edge[k+1])``;
+    bin ``_HIST_SIDE - 1 - k`` the negative values with magnitude in that range; bin ``_HIST_SIDE``
+    zeros and magnitudes below ``edge[0]``.
+    """
+    return 10.0 ** (HIST_LOG10_MIN + np.arange(_HIST_SIDE + 1) / HIST_PER_DECADE)
+
+
+HIST_EDGES = histogram_edges()
 
 # Elements of the float64 scratch buffer: 2 Mi doubles = 16 MiB per device. Big enough that a
 # typical activation needs one or a few chunks, small enough to be negligible beside the model.
@@ -93,6 +116,8 @@ class Moments:
         nonfinite: elements that were NaN or ±inf, or None when only known to be > 0 (see flag).
         nonfinite_units: units whose sums were not finite (a cheap exact flag; 0 means all finite).
         calls: how many tensors were merged in.
+        histogram: counts in the fixed signed log-magnitude bins (see :func:`histogram_edges`),
+            when the probe was asked for histograms; non-finite values are not counted.
     """
 
     rows: int
@@ -105,6 +130,7 @@ class Moments:
     nonfinite_units: int
     nonfinite: int | None
     calls: int
+    histogram: np.ndarray | None = None
 
     @property
     def units(self) -> int:
@@ -147,10 +173,14 @@ class Moments:
             if self.nonfinite is None or other.nonfinite is None
             else self.nonfinite + other.nonfinite,
             calls=self.calls + other.calls,
+            histogram=None
+            if self.histogram is None or other.histogram is None
+            else self.histogram + other.histogram,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "histogram": None if self.histogram is None else [int(c) for c in self.histogram],
             "rows": self.rows,
             "mean": self.mean.tolist(),
             "m2": self.m2.tolist(),
@@ -181,7 +211,22 @@ class Moments:
             nonfinite_units=int(d["nonfinite_units"]),
             nonfinite=d["nonfinite"],
             calls=int(d["calls"]),
+            histogram=None if d.get("histogram") is None else np.asarray(d["histogram"], dtype=np.int64),
         )
+
+
+def _histogram(v: torch.Tensor) -> torch.Tensor:
+    """Counts of ``v`` in the fixed signed log-magnitude bins (non-finite values skipped)."""
+    a = v.detach().reshape(-1).float()
+    finite = torch.isfinite(a)
+    mag = torch.log10(a.abs().clamp_min(10.0**HIST_LOG10_MIN * 0.5))
+    k = ((mag - HIST_LOG10_MIN) * HIST_PER_DECADE).floor_().clamp_(-1, _HIST_SIDE - 1).long()
+    small = k < 0
+    k = k.clamp_(min=0)
+    idx = torch.where(a < 0, _HIST_SIDE - 1 - k, _HIST_SIDE + 1 + k)
+    idx = torch.where(small, torch.full_like(idx, _HIST_SIDE), idx)
+    idx = torch.where(finite, idx, torch.full_like(idx, HIST_BINS))
+    return torch.bincount(idx, minlength=HIST_BINS + 1)[:HIST_BINS]
 
 
 class DeviceMoments:
@@ -203,6 +248,7 @@ class DeviceMoments:
         self.zeros: torch.Tensor | None = None
         self.saturated: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None
+        self.hist: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(
@@ -211,6 +257,7 @@ class DeviceMoments:
         axis: int | None,
         saturation: tuple[float, float] | None = None,
         count_nonfinite: bool = False,
+        histogram: bool = False,
     ) -> None:
         """Merge one tensor in.
 
@@ -220,6 +267,7 @@ class DeviceMoments:
             saturation: ``(centre, threshold)``: count elements with ``|x − centre| > threshold``.
             count_nonfinite: also count NaN/inf elements exactly (one more pass; the probe asks for it
                 only when the cheap per-unit flag fired).
+            histogram: also count values in the fixed signed log-magnitude bins (a few more passes).
         """
         v = as_units(x.detach(), axis)
         a, u, b = v.shape
@@ -253,6 +301,9 @@ class DeviceMoments:
         if count_nonfinite:
             bad = v.numel() - torch.count_nonzero(torch.isfinite(v))
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        if histogram:
+            h = _histogram(v)
+            self.hist = h if self.hist is None else self.hist + h
         self.calls += 1
 
     def _chunked_moments(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,11 +344,15 @@ class DeviceMoments:
                 ),
             ]
         )
-        return [self.mean, self.m2, self.unit_max, self.unit_min, scalars]
+        parts = [self.mean, self.m2, self.unit_max, self.unit_min, scalars]
+        if self.hist is not None:
+            parts.append(self.hist.to(torch.float64))
+        return parts
 
     @staticmethod
     def unpack(parts: list[np.ndarray], rows: int, calls: int) -> Moments:
-        mean, m2, unit_max, unit_min, scalars = parts
+        mean, m2, unit_max, unit_min, scalars = parts[:5]
+        hist = parts[5].astype(np.int64) if len(parts) > 5 else None
         finite = np.isfinite(mean) & np.isfinite(m2)
         nonfinite_units = int((~finite).sum())
         zeros, saturated, nonfinite = (int(s) for s in scalars)
@@ -314,6 +369,7 @@ class DeviceMoments:
             nonfinite_units=nonfinite_units,
             nonfinite=None if nonfinite < 0 else nonfinite,
             calls=calls,
+            histogram=hist,
         )
 
     @property

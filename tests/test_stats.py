@@ -130,3 +130,26 @@ def test_moments_json_round_trip_is_exact() -> None:
     np.testing.assert_array_equal(back.mean, m.mean)
     np.testing.assert_array_equal(back.m2, m.m2)
     assert back.rows == m.rows and back.calls == m.calls
+
+
+def test_histogram_bins_match_direct_binning() -> None:
+    from gradprobe.stats import HIST_BINS, HIST_EDGES
+
+    x = torch.tensor([[0.0, 1e-13, -1e-13, 1.0, -1.0, 0.5, 3e5, -2e-3, float("nan"), 1e20]])
+    acc = DeviceMoments(Scratch())
+    acc.add(x, None, histogram=True)
+    hist = DeviceMoments.unpack([p.numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls).histogram
+    assert hist is not None and hist.shape == (HIST_BINS,) and hist.sum() == 9  # NaN not counted
+    side = (HIST_BINS - 1) // 2
+    assert hist[side] == 3  # exact zero and the two |x| < 1e-12
+
+    def pos_bin(v: float) -> int:
+        return side + 1 + int(np.searchsorted(HIST_EDGES, v, side="right") - 1)
+
+    assert hist[pos_bin(1.0)] == 1 and hist[pos_bin(0.5)] == 1 and hist[pos_bin(3e5)] == 1
+    assert hist[HIST_BINS - 1] == 1  # 1e20 lands in the outermost positive bin
+    k = int(np.searchsorted(HIST_EDGES, 2e-3, side="right") - 1)
+    assert (
+        hist[side - 1 - k] == 1
+        and hist[side - 1 - int(np.searchsorted(HIST_EDGES, 1.0, side="right") - 1)] == 1
+    )

@@ -355,6 +355,7 @@ def probe(
     with preserved_global_state(model):
         session = _Session(model, plan, cfg)
         report = session.run(batches)
+    report = _merge_across_ranks(report)
     if diagnose:
         from gradprobe.diagnose import diagnose as run_diagnosis
 
@@ -389,6 +390,15 @@ def probe(
                     "errors": sorted({f.code for f in again.findings if f.severity == "error"}),
                 }
     return report
+
+
+def _merge_across_ranks(report: Report) -> Report:
+    """Inside ``torch.distributed``, merge every rank's statistics exactly (see gradprobe.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return report
+    from gradprobe.distributed import merge_across_ranks
+
+    return merge_across_ranks(report)
 
 
 class _Session:

@@ -279,6 +279,7 @@ def probe(
     gate_steps: int = 3,
     gate_lr: float = 1e-3,
     histograms: bool = False,
+    seeds: int = 1,
 ) -> Report:
     """Run ``model`` forward and backward under an initializer and record per-layer statistics.
 
@@ -312,6 +313,9 @@ def probe(
             parameters and measures again, storing ``layer.extra["after_steps"]`` and
             ``report.meta["gate_check"]``. None (default) runs it only when some layer's gradient
             energy is zero or below 1e-8 of the largest; True always; False never.
+        seeds: probe under ``seeds`` initializations (``seed``, ``seed + 1``, …) and combine them
+            (:func:`gradprobe.seeds.combine_seeds`): each layer's gain as mean and spread in
+            ``layer.extra["seeds"]``, errors only where they occur in at least half the seeds.
         histograms: also collect bounded histograms (fixed signed log-magnitude bins, see
             :func:`gradprobe.stats.histogram_edges`) of every activation and gradient, in
             ``layer.act.moments.histogram``; costs a few more passes per tensor.
@@ -329,6 +333,35 @@ def probe(
     """
     from gradprobe.initializers import InitPlan
 
+    if seeds != 1:
+        if not isinstance(seeds, int) or seeds < 1:
+            raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
+        from gradprobe.seeds import combine_seeds
+
+        batches = normalize_batches(inputs)  # an iterator of batches is read once
+        options = dict(
+            init=init,
+            loss=loss,
+            overrides=overrides,
+            output=output,
+            include=include,
+            exclude=exclude,
+            mode=mode,
+            device=device,
+            saturation_derivative=saturation_derivative,
+            diagnose=diagnose,
+            thresholds=thresholds,
+            gate_check=gate_check,
+            gate_steps=gate_steps,
+            gate_lr=gate_lr,
+            histograms=histograms,
+        )
+        combined = combine_seeds(
+            [probe(model, Batches(batches), seed=seed + i, **options) for i in range(seeds)]
+        )
+        if suggest and combined.verdict == "unstable":
+            _check_suggestion(combined, model, Batches(batches), seed=seed, options=options)
+        return combined
     if mode not in ("train", "eval"):
         raise UsageError(f"unknown mode {mode!r}; valid: train, eval")
     if not (isinstance(loss, str) and loss in LOSSES) and not callable(loss):
@@ -362,16 +395,13 @@ def probe(
         report.findings = run_diagnosis(report, **dict(thresholds or {}))
         report.verdict = "unstable" if any(f.severity == "error" for f in report.findings) else "stable"
         if suggest and report.verdict == "unstable":
-            from gradprobe.diagnose import suggested_init
-
-            fix = suggested_init(report)
-            if fix is not None:
-                again = probe(
-                    model,
-                    Batches(batches),
-                    init=fix,
+            _check_suggestion(
+                report,
+                model,
+                Batches(batches),
+                seed=seed,
+                options=dict(
                     loss=loss,
-                    seed=seed,
                     output=output,
                     include=include,
                     exclude=exclude,
@@ -383,13 +413,27 @@ def probe(
                     gate_steps=gate_steps,
                     gate_lr=gate_lr,
                     histograms=histograms,
-                )
-                report.meta["suggestion"] = {
-                    "init": fix,
-                    "verdict": again.verdict,
-                    "errors": sorted({f.code for f in again.findings if f.severity == "error"}),
-                }
+                ),
+            )
     return report
+
+
+def _check_suggestion(
+    report: Report, model: nn.Module, batches: Batches, *, seed: int, options: dict[str, Any]
+) -> None:
+    """Probe again with the suggested initializer; record in ``meta["suggestion"]`` whether it passes."""
+    from gradprobe.diagnose import suggested_init
+
+    fix = suggested_init(report)
+    if fix is None:
+        return
+    options = {k: v for k, v in options.items() if k not in ("init", "overrides", "diagnose")}
+    again = probe(model, batches, init=fix, seed=seed, **options)
+    report.meta["suggestion"] = {
+        "init": fix,
+        "verdict": again.verdict,
+        "errors": sorted({f.code for f in again.findings if f.severity == "error"}),
+    }
 
 
 def _merge_across_ranks(report: Report) -> Report:

@@ -395,6 +395,29 @@ class Report:
     def errors(self) -> list[Any]:
         return [f for f in self.findings if f.severity == "error"]
 
+    # -- display: renderers are pure functions of the report, imported only when used ------------
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from gradprobe.render.console import render_report
+
+        yield render_report(self, width=options.max_width)
+
+    def _repr_html_(self) -> str:
+        from gradprobe.render.html import render_html
+
+        return render_html(self)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """Depth profile of activation and gradient variance (a matplotlib Figure with ``save``)."""
+        from gradprobe.render.plots import plot_report
+
+        return plot_report(self, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Report({self.meta.get('model', '?')}, init={self.meta.get('init')!r}, "
+            f"layers={len(self.layers)}, verdict={self.verdict!r}, findings={len(self.findings)})"
+        )
+
     def to_dict(self, include_moments: bool = True) -> dict[str, Any]:
         return {
             "schema": self.schema,

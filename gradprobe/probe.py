@@ -477,9 +477,18 @@ class _Session:
         return params, buffers
 
     def _initialise(
-        self, params: dict[int, nn.Parameter] | None, buffers: dict[int, torch.Tensor]
+        self,
+        params: dict[int, nn.Parameter] | None,
+        buffers: dict[int, torch.Tensor],
+        batch: Batch | None = None,
     ) -> list[str]:
-        """Apply the plan to the new parameters; return modules whose parameters were kept as built."""
+        """Apply the plan to the new parameters; return modules whose parameters were kept as built.
+
+        A data-dependent initializer (``data_dependent = True``, e.g. LSUV) first initialises each of
+        its modules like any other, then gets ``init_with_data_(model, modules, forward)`` while the
+        new parameters are swapped in: ``forward()`` runs the model on the first batch without
+        gradients (on buffer clones) and returns its output.
+        """
         kept: list[str] = []
         if params is None:
             for name, module in self.model.named_modules():
@@ -515,7 +524,27 @@ class _Session:
             for module in self.model.modules():
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()
+            self._data_dependent(batch)
         return kept
+
+    def _data_dependent(self, batch: Batch | None) -> None:
+        groups: dict[int, tuple[Any, dict[str, nn.Module]]] = {}
+        for raw, module in self.model.named_modules():
+            name = raw or "model"
+            if not any(p is not None for p in module._parameters.values()):
+                continue
+            initializer = self.plan.for_module(name)
+            if getattr(initializer, "data_dependent", False) and self.init_desc.get(name) != "kept as built":
+                groups.setdefault(id(initializer), (initializer, {}))[1][name] = module
+        if not groups or batch is None:
+            return
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return self._forward(None, batch)
+
+        for initializer, modules in groups.values():
+            initializer.init_with_data_(self.model, modules, forward)
 
     # -- running ------------------------------------------------------------------------------
     def _prepare(self, batch: Batch) -> Batch:
@@ -564,7 +593,7 @@ class _Session:
             # Gains depend on which activation follows each layer: trace a forward pass first.
             self._trace_activations(prepared[0], fresh_buffers)
             fresh_buffers = {k: v.clone() for k, v in buffers.items()}
-        kept = self._initialise(params, fresh_buffers)
+        kept = self._initialise(params, fresh_buffers, prepared[0])
         states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False)
         layers = self._layers(states, param_stats)
         if any(x.act is not None and x.act.moments.nonfinite_units for x in layers) or any(
@@ -580,7 +609,16 @@ class _Session:
         if self._wants_gate_check(layers):
             self._gate_check(report, prepared, params, buffers)
         self._attach_unit_analysis(report, params, grads)
+        self._attach_predictions(report)
         return report
+
+    def _attach_predictions(self, report: Report) -> None:
+        """Mean-field predictions next to the measurements (``layer.predicted_act_var`` …)."""
+        from gradprobe import theory
+
+        attach = getattr(theory, "attach_predictions", None)
+        if attach is not None:
+            attach(report)
 
     def _wants_gate_check(self, layers: list[LayerRecord]) -> bool:
         if self.cfg.gate_check is not None:

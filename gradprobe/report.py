@@ -248,7 +248,9 @@ class LayerRecord:
         grad_var, act_var: shortcuts (public JSON fields).
         outputs_skipped: calls whose output was not a floating tensor (not recorded).
         grad_missing: recorded calls whose output did not require grad (no gradient statistics).
-        extra: analysis attached after the run (symmetry groups, theory predictions, …).
+        predicted_act_var, predicted_grad_var: the mean-field prediction of ``act.var`` and
+            ``grad.var`` for this layer (:mod:`gradprobe.theory`), None where no prediction applies.
+        extra: analysis attached after the run (symmetry groups, the gate check, seeds, …).
     """
 
     name: str
@@ -267,6 +269,8 @@ class LayerRecord:
     params: list[ParamRecord] = field(default_factory=list)
     outputs_skipped: int = 0
     grad_missing: int = 0
+    predicted_act_var: float | None = None
+    predicted_grad_var: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -300,6 +304,8 @@ class LayerRecord:
             "params": [p.to_dict() for p in self.params],
             "outputs_skipped": self.outputs_skipped,
             "grad_missing": self.grad_missing,
+            "predicted_act_var": encode_float(self.predicted_act_var),
+            "predicted_grad_var": encode_float(self.predicted_grad_var),
             "extra": _enc_tree(self.extra),
         }
 
@@ -323,6 +329,8 @@ class LayerRecord:
             params=[ParamRecord.from_dict(p) for p in d["params"]],
             outputs_skipped=int(d["outputs_skipped"]),
             grad_missing=int(d["grad_missing"]),
+            predicted_act_var=decode_float(d.get("predicted_act_var")),
+            predicted_grad_var=decode_float(d.get("predicted_grad_var")),
             extra=_dec_tree(d.get("extra", {})),
         )
 

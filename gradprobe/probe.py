@@ -614,11 +614,11 @@ class _Session:
 
     def _attach_predictions(self, report: Report) -> None:
         """Mean-field predictions next to the measurements (``layer.predicted_act_var`` …)."""
-        from gradprobe import theory
-
-        attach = getattr(theory, "attach_predictions", None)
-        if attach is not None:
-            attach(report)
+        try:
+            from gradprobe.predict import attach_predictions
+        except ImportError:  # the predictions module is optional
+            return
+        attach_predictions(report)
 
     def _wants_gate_check(self, layers: list[LayerRecord]) -> bool:
         if self.cfg.gate_check is not None:

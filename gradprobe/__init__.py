@@ -38,6 +38,10 @@ _EXPORTS = {
     "assert_stable": "gradprobe.api",
     "compare": "gradprobe.api",
     "plot_compare": "gradprobe.render.plots",
+    "plot_report": "gradprobe.render.plots",
+    "plot_histograms": "gradprobe.render.plots",
+    "plot_units": "gradprobe.render.plots",
+    "render_html": "gradprobe.render.html",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # public name → module that defines it
 _EXPORTS = {
     "probe": "gradprobe.probe",
+    "Inputs": "gradprobe.probe",
     "Report": "gradprobe.report",
     "LayerRecord": "gradprobe.report",
     "TensorStats": "gradprobe.report",

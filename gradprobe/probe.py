@@ -41,9 +41,9 @@ from gradprobe.hooks import (
     select_output,
 )
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
-from gradprobe.stats import DeviceMoments
+from gradprobe.stats import DeviceMoments, square_sum, sum_and_square_sum
 
-__all__ = ["probe", "ProbeConfig", "LOSSES", "Batch"]
+__all__ = ["probe", "ProbeConfig", "LOSSES", "Batch", "Inputs"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -77,6 +77,8 @@ class ProbeConfig:
 
 
 def _as_batch(item: Any) -> Batch:
+    if isinstance(item, Inputs):
+        return tuple(item.args), dict(item.kwargs)
     if isinstance(item, torch.Tensor):
         return (item,), {}
     if isinstance(item, tuple):
@@ -89,6 +91,17 @@ def _as_batch(item: Any) -> Batch:
     )
 
 
+class Inputs:
+    """One batch given as positional *and* keyword arguments: ``Inputs(x, attention_mask=m)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        return f"Inputs({describe_inputs(self.args, self.kwargs)})"
+
+
 class Batches(list):  # type: ignore[type-arg]
     """Batches already in ``(args, kwargs)`` form (passed through :func:`normalize_batches` as is)."""
 
@@ -98,7 +111,7 @@ def normalize_batches(inputs: Any) -> list[Batch]:
     (a list, a generator, a DataLoader) yields several batches, each of those forms."""
     if isinstance(inputs, Batches):
         return list(inputs)
-    if isinstance(inputs, (torch.Tensor, tuple, Mapping)):
+    if isinstance(inputs, (torch.Tensor, tuple, Mapping, Inputs)):
         return [_as_batch(inputs)]
     if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
         batches = [_as_batch(b) for b in inputs]
@@ -286,8 +299,8 @@ def probe(
     Args:
         model: any ``nn.Module`` (DDP/DataParallel wrappers and ``torch.compile`` results are
             unwrapped; the module itself is probed eagerly). It is left exactly as it was.
-        inputs: a tensor, a tuple (positional arguments), a dict (keyword arguments), or a list or
-            other iterable of those (several batches, merged into one set of statistics). Floating
+        inputs: a tensor, a tuple (positional arguments), a dict (keyword arguments),
+            ``Inputs(*args, **kwargs)`` (both), or a list or other iterable of those (several batches, merged into one set of statistics). Floating
             inputs are fed as fresh leaves that require grad, so every layer gets a gradient.
         init: initializer name or spec (``"kaiming_normal"``, ``"normal:std=0.02"``), or an
             :class:`~gradprobe.initializers.Initializer`; ``"keep"`` probes the weights as built.
@@ -653,7 +666,11 @@ class _Session:
         trainable = list({id(q): q for q in steps.values() if q.requires_grad}.values())
         if not trainable:
             return
-        optimizer = torch.optim.Adam(trainable, lr=self.cfg.gate_lr)
+        # Adam written out (Kingma & Ba 2015, β = (0.9, 0.999), ε = 1e-8): torch.optim's first use
+        # imports torch._dynamo, seconds of start-up for three small steps.
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        first = [torch.zeros_like(q) for q in trainable]
+        second = [torch.zeros_like(q) for q in trainable]
         loss_gen = torch.Generator().manual_seed(self.cfg.seed + 2)
         torch.manual_seed(self.cfg.seed)
         step_buffers = {k: v.clone() for k, v in buffers.items()}
@@ -665,11 +682,15 @@ class _Session:
                 assert out is not None
                 value = _loss_value(self.cfg.loss, raw, out, loss_gen)
                 grads = torch.autograd.grad(value, trainable, allow_unused=True)
-                for q, g in zip(trainable, grads):
-                    q.grad = g
-                optimizer.step()
-                for q in trainable:
-                    q.grad = None
+                t = i + 1
+                with torch.no_grad():
+                    for q, g, m, v in zip(trainable, grads, first, second):
+                        if g is None:
+                            continue
+                        m.mul_(beta1).add_(g, alpha=1 - beta1)
+                        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                        step = m / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt_().add_(eps))
+                        q.sub_(step, alpha=self.cfg.gate_lr)
         states, param_stats, _ = self._passes(prepared, steps, buffers, exact_nonfinite=False)
         after = {x.name: x for x in self._layers(states, param_stats)}
         for layer in report.layers:
@@ -740,7 +761,7 @@ class _Session:
                     raise ProbeError(f"backward failed: {e}") from e
                 for i, g in enumerate(grads[: len(trainable)]):
                     if g is not None:
-                        grad_sq[i] = grad_sq[i] + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+                        grad_sq[i] = grad_sq[i] + square_sum(g, recorder.scratch)
                         last_grads[id(trainable[i])] = g
             if tracer is not None:
                 self.activations = dict(tracer.found)
@@ -756,24 +777,14 @@ class _Session:
                 if p is None:
                     continue
                 q = p if params is None else params[id(p)]
-                # Exact float64 moments through the recorder's scratch buffer (a float64 `mean` of a
-                # float32 tensor is several times slower on CPU).
-                acc = DeviceMoments(recorder.scratch)
-                acc.add(q.detach(), None)
-                zero = torch.zeros((), dtype=torch.float64, device=self.device)
-                if acc.empty:
-                    mean, sq = zero, zero
-                else:
-                    assert acc.mean is not None and acc.m2 is not None
-                    mean = acc.mean[0]
-                    sq = acc.m2[0] / acc.rows + mean * mean
+                # [perf] exact float64 [Σw, Σw²] in cache-sized chunks (gradprobe.stats), one read of
+                # the parameter; [mean, mean square, ‖∇‖² or -1] on the device, no host sync.
+                sums = sum_and_square_sum(q, recorder.scratch).div_(max(1, q.numel()))
                 i = index.get(id(q))
                 gsq = (
-                    grad_sq[i]
-                    if i is not None and id(q) in last_grads
-                    else torch.tensor(-1.0, dtype=torch.float64)
+                    grad_sq[i].view(1) if i is not None and id(q) in last_grads else sums.new_full((1,), -1.0)
                 )
-                rows.append(torch.stack([mean.to(self.device), sq.to(self.device), gsq.to(self.device)]))
+                rows.append(torch.cat([sums.to(self.device), gsq.to(self.device)]))
             if rows:
                 param_stats[name] = rows
         self._batches = len(prepared)

@@ -10,22 +10,46 @@ digit (mean 1e4, std 1).
 Two layers live here:
 
 * :class:`DeviceMoments` accumulates on the tensor's own device. Its ``add`` issues a handful of
-  tensor ops and never calls ``.item()``/``.cpu()``, so a probe costs one host transfer at the end
-  (``export``/``pack``), not one per layer.
+  tensor ops per cache-sized chunk and never calls ``.item()``/``.cpu()``, so a probe costs one host
+  transfer at the end (``pack``), not one per layer.
 * :class:`Moments` is the host-side result (numpy arrays), the form stored in a :class:`Report`.
   ``Moments.merge`` is the same exact merge, for combining reports from several processes.
+
+How ``add`` stays cheap and exact (measurements in docs/performance.md): the tensor is read from
+memory once, in chunks of :data:`CHUNK_ELEMENTS` that fit a core's L2 cache. Each chunk is copied
+into a float64 scratch buffer; the per-unit maximum, minimum and the zero count are taken from the
+source chunk while it is still in cache; the float64 copy is shifted by a per-unit *centre* ``c``
+(the mean of the unit's first chunk, so a tensor that fits one chunk gets the plain two-pass
+computation) and the shifted sums ``S1 = Σ(x − c)`` and ``S2 = Σ(x − c)²`` accumulate over the
+chunks without any merge: ``mean = c + S1/n``, ``M2 = S2 − S1²/n``. The cancellation in that last
+step is at most ``(c − mean)²·n/M2 ≤ n/n₁`` float64 ulps (``n₁`` the samples in the first chunk,
+whose mean ``c`` is), i.e. the number of chunks: a few ulps, where the naive ``Σx² − (Σx)²/n`` loses
+every digit at mean 1e4, std 1. The summaries of successive calls (batches, repeated modules) are
+queued and merged with Chan's formula when read.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Moments", "DeviceMoments", "Scratch", "chan_merge", "HIST_EDGES", "histogram_edges"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "HIST_EDGES",
+    "DeviceMoments",
+    "Moments",
+    "Scratch",
+    "chan_merge",
+    "histogram_edges",
+    "square_sum",
+    "sum_and_square_sum",
+]
 
 # Bounded histograms: fixed signed log-magnitude bins, so that no per-layer range has to be known (a
 # host sync) before binning, and histograms of any scale merge by adding counts. Bins, in order:
@@ -50,9 +74,10 @@ def histogram_edges() -> np.ndarray:
 
 HIST_EDGES = histogram_edges()
 
-# Elements of the float64 scratch buffer: 2 Mi doubles = 16 MiB per device. Big enough that a
-# typical activation needs one or a few chunks, small enough to be negligible beside the model.
-_SCRATCH_ELEMENTS = 1 << 21
+# Elements per chunk: 64 Ki float64 values = 512 KiB, one core's L2 cache here, so that the copy,
+# shift, square and sums of a chunk run in cache after a single read of the tensor from memory, and
+# large enough that the ~10 tensor ops per chunk (a few µs each) stay a small share of the time.
+CHUNK_ELEMENTS = 1 << 16
 
 
 def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any) -> tuple[Any, Any, Any]:
@@ -73,31 +98,79 @@ def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: An
 
 
 class Scratch:
-    """A reusable float64 buffer per device, so statistics never page-fault fresh memory per call."""
+    """Reusable per-device buffers for the statistics: a float64 chunk buffer and a vector of ones.
 
-    def __init__(self) -> None:
+    It also remembers the summary of the last tensor summarised, so that a tensor recorded twice (an
+    ``nn.Identity`` returns its input; two tensor hooks on one output receive one gradient) is read
+    once. The memo is keyed by identity, version counter, unit axis and options, and holds only a
+    weak reference to the tensor.
+    """
+
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        if not 1 <= chunk_elements < 1 << 24:  # zero counts are float32 dot products of ±1/0
+            raise ValueError(f"chunk_elements must be in [1, 2**24), got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
         self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}
+        self._aux: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._memo: tuple[Any, weakref.ref[torch.Tensor], _Summary] | None = None
 
     def get(self, device: torch.device, numel: int) -> torch.Tensor:
+        """A float64 buffer of ``numel`` elements on ``device`` (contents undefined)."""
         buf = self._buffers.get(device)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, _SCRATCH_ELEMENTS), dtype=torch.float64, device=device)
+            buf = torch.empty(max(numel, self.chunk_elements), dtype=torch.float64, device=device)
             self._buffers[device] = buf
+        return buf[:numel]
+
+    def aux(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A second buffer of ``numel`` elements of ``dtype`` (contents undefined)."""
+        key = (device, dtype)
+        buf = self._aux.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, self.chunk_elements), dtype=dtype, device=device)
+            self._aux[key] = buf
+        return buf[:numel]
+
+    def ones(self, device: torch.device, numel: int) -> torch.Tensor:
+        """``numel`` float64 ones on ``device`` (sums as matrix-vector products)."""
+        buf = self._ones.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = torch.ones(max(numel, self.chunk_elements), dtype=torch.float64, device=device)
+            self._ones[device] = buf
         return buf[:numel]
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._ones.clear()
+        self._aux.clear()
+        self._memo = None
+
+    def recall(self, x: torch.Tensor, key: Any) -> _Summary | None:
+        memo = self._memo
+        if memo is None or memo[0] != key or memo[1]() is not x:
+            return None
+        return memo[2]
+
+    def remember(self, x: torch.Tensor, key: Any, summary: _Summary) -> None:
+        self._memo = (key, weakref.ref(x), summary)
 
 
 def as_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """View ``x`` as ``(A, U, B)`` with the unit axis in the middle (no copy for contiguous input).
 
-    ``axis=None`` means the whole tensor is one unit.
+    ``axis=None`` means the whole tensor is one unit. A tensor whose unit axis is innermost in
+    memory (a channels-last activation) is viewed as ``(rest, U, 1)``, also without a copy: the
+    statistics do not depend on the order of the samples.
     """
     if axis is None or x.dim() == 0:
         return x.reshape(-1, 1, 1)
     axis = axis % x.dim()
     shape = x.shape
+    if not x.is_contiguous():
+        moved = x.movedim(axis, -1)
+        if moved.is_contiguous():
+            return moved.reshape(-1, shape[axis], 1)
     a = math.prod(shape[:axis])
     b = math.prod(shape[axis + 1 :])
     return x.reshape(a, shape[axis], b)
@@ -229,23 +302,213 @@ def _histogram(v: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx, minlength=HIST_BINS + 1)[:HIST_BINS]
 
 
+@dataclass
+class _Summary:
+    """Per-unit summary of one tensor (one ``add`` call), still on the tensor's device."""
+
+    rows: int
+    mean: torch.Tensor  # (U,) float64
+    m2: torch.Tensor  # (U,) float64
+    unit_max: torch.Tensor  # (U,) in the source dtype (exact)
+    unit_min: torch.Tensor
+    zeros: torch.Tensor  # 0-d int64
+    saturated: torch.Tensor | None  # 0-d int64
+
+
+def _count_saturated(chunk: torch.Tensor, saturation: tuple[float, float]) -> torch.Tensor:
+    centre, threshold = saturation
+    if centre:
+        return torch.count_nonzero((chunk - centre).abs_() > threshold)
+    return torch.count_nonzero(chunk.abs() > threshold)
+
+
+class _Views:
+    """Views of the scratch buffers for one chunk shape ``(k, u, b)``, built once per shape."""
+
+    def __init__(self, scratch: Scratch, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> None:
+        k, u, b = shape
+        n = k * u * b
+        self.buf = scratch.get(device, n).view(k, u, b)
+        # per-unit sums: a matrix-vector product where the layout allows (one read, no temporary)
+        if b == 1:
+            self.mat: torch.Tensor | None = self.buf.view(k, u).t()
+            self.vec = scratch.ones(device, k)
+        elif k == 1:
+            self.mat, self.vec = self.buf.view(u, b), scratch.ones(device, b)
+        else:
+            self.mat = None
+        # zero counting as Σ sign(x)²: signs of float32/float64 chunks straight from the source
+        # (in cache), of half-precision chunks from the float64 copy
+        sign_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
+        self.signs_from_source = sign_dtype == dtype
+        self.signs = scratch.aux(device, sign_dtype, n).view(k, u, b)
+        self.signs_flat = self.signs.view(-1)
+
+    def unit_sum(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-unit sum of the float64 buffer, added into ``out`` when given."""
+        if self.mat is None:
+            total = self.buf.sum(dim=(0, 2))
+            return total if out is None else out.add_(total)
+        return torch.mv(self.mat, self.vec) if out is None else out.addmv_(self.mat, self.vec)
+
+
+def _summarize_chunks(
+    chunks: Iterator[torch.Tensor], scratch: Scratch, saturation: tuple[float, float] | None
+) -> _Summary:
+    """Summary of a stream of ``(k, u, b)`` chunks that all hold the same ``u`` units.
+
+    Per chunk: one copy into the float64 buffer (the only read from memory), max, min and zero
+    count from the source while it is in cache, then shift, square and two per-unit sums in cache.
+    About ten tensor ops per chunk; views of the buffers are built once per chunk shape.
+    """
+    views: dict[torch.Size, _Views] = {}
+    maxima: list[torch.Tensor] = []
+    minima: list[torch.Tensor] = []
+    nonzero: list[torch.Tensor] = []
+    saturated: list[torch.Tensor] = []
+    centre = centre_view = s1 = s2 = None
+    rows = elements = 0
+    for chunk in chunks:
+        shape = chunk.shape
+        w = views.get(shape)
+        if w is None:
+            w = views[shape] = _Views(scratch, chunk.device, chunk.dtype, shape)
+        k, u, b = shape
+        rows += k * b
+        elements += k * u * b
+        buf = w.buf
+        buf.copy_(chunk)
+        maxima.append(chunk.amax(dim=(0, 2)))
+        minima.append(chunk.amin(dim=(0, 2)))
+        torch.sign(chunk if w.signs_from_source else buf, out=w.signs)
+        nonzero.append(torch.dot(w.signs_flat, w.signs_flat))
+        if saturation is not None:
+            saturated.append(_count_saturated(chunk, saturation))
+        if centre_view is None:
+            centre = w.unit_sum().div_(k * b)
+            centre_view = centre.view(1, u, 1)
+            buf.sub_(centre_view).mul_(buf)
+            s2 = w.unit_sum()
+        else:
+            buf.sub_(centre_view)
+            s1 = w.unit_sum(s1)
+            buf.mul_(buf)
+            w.unit_sum(s2)
+    assert centre is not None and s2 is not None
+    if s1 is None:
+        mean, m2 = centre, s2
+    else:
+        mean = centre.add(s1, alpha=1.0 / rows)
+        m2 = s2.sub_(s1.mul_(s1), alpha=1.0 / rows)
+    f64 = torch.float64
+    count = nonzero[0].to(f64) if len(nonzero) == 1 else torch.stack(nonzero).sum(dtype=f64)
+    return _Summary(
+        rows=rows,
+        mean=mean,
+        m2=m2,
+        unit_max=maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(dim=0),
+        unit_min=minima[0] if len(minima) == 1 else torch.stack(minima).amin(dim=0),
+        zeros=count.neg_().add_(elements).to(torch.int64),
+        saturated=None
+        if saturation is None
+        else saturated[0]
+        if len(saturated) == 1
+        else torch.stack(saturated).sum(),
+    )
+
+
+def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float] | None) -> _Summary:
+    """Per-unit count, mean, M2, max, min, and the zero (and saturated) counts of ``v`` (A, U, B).
+
+    Chunks hold whole samples ``v[a0:a1]`` when a sample fits the chunk budget; otherwise the units
+    are summarised in blocks ``v[a0:a1, u0:u1]`` that do, and their summaries concatenated; a single
+    unit's sample longer than the budget (volumes, long signals) is cut along its elements.
+    """
+    a, u, b = v.shape
+    budget = scratch.chunk_elements
+    if u * b <= budget:
+        step = budget // (u * b)
+        return _summarize_chunks((v[a0 : a0 + step] for a0 in range(0, a, step)), scratch, saturation)
+    if b <= budget:
+        su = budget // b
+        step = budget // (su * b)
+        blocks = [
+            _summarize_chunks(
+                (v[a0 : a0 + step, u0 : u0 + su] for a0 in range(0, a, step)), scratch, saturation
+            )
+            for u0 in range(0, u, su)
+        ]
+    else:
+        blocks = [
+            _summarize_chunks(
+                (v[a0 : a0 + 1, u0 : u0 + 1, b0 : b0 + budget] for a0 in range(a) for b0 in range(0, b, budget)),
+                scratch,
+                saturation,
+            )
+            for u0 in range(u)
+        ]
+    first = blocks[0]
+    return _Summary(
+        rows=first.rows,
+        mean=torch.cat([s.mean for s in blocks]),
+        m2=torch.cat([s.m2 for s in blocks]),
+        unit_max=torch.cat([s.unit_max for s in blocks]),
+        unit_min=torch.cat([s.unit_min for s in blocks]),
+        zeros=torch.stack([s.zeros for s in blocks]).sum(),
+        saturated=None if saturation is None else torch.stack([s.saturated for s in blocks]).sum(),  # type: ignore[misc]
+    )
+
+
+def _merge_summaries(a: _Summary, b: _Summary) -> _Summary:
+    """Chan's exact merge of two summaries of the same stream (new tensors; inputs untouched)."""
+    n, mean, m2 = chan_merge(float(a.rows), a.mean, a.m2, float(b.rows), b.mean, b.m2)
+    return _Summary(
+        rows=a.rows + b.rows,
+        mean=mean,
+        m2=m2,
+        unit_max=torch.maximum(a.unit_max, b.unit_max),
+        unit_min=torch.minimum(a.unit_min, b.unit_min),
+        zeros=a.zeros + b.zeros,
+        saturated=None if a.saturated is None or b.saturated is None else a.saturated + b.saturated,
+    )
+
+
+def _collapse(s: _Summary) -> _Summary:
+    """The exact single-unit summary of a per-unit summary (all units have ``s.rows`` samples)."""
+    units = s.mean.shape[0]
+    mean = s.mean.mean().view(1)
+    m2 = (s.m2.sum() + s.rows * (s.mean - mean).square().sum()).view(1)
+    return _Summary(
+        rows=s.rows * units,
+        mean=mean,
+        m2=m2,
+        unit_max=s.unit_max.amax().view(1),
+        unit_min=s.unit_min.amin().view(1),
+        zeros=s.zeros,
+        saturated=s.saturated,
+    )
+
+
+# Summaries kept per accumulator before they are merged (bounds memory for long loops).
+_MAX_PENDING = 16
+
+
 class DeviceMoments:
     """Accumulates :class:`Moments` on the data's device without any host synchronisation.
 
-    ``add`` reads the tensor once in float64 chunks through a shared scratch buffer (per-unit sum, then
-    the sum of squared deviations from the chunk's unit means, so no cancellation), plus one pass each
-    for per-unit max/min and the count of zeros. Everything stays a tensor until :meth:`pack`.
+    ``add`` reads the tensor once, in cache-sized float64 chunks (see the module docstring). Its
+    summary is queued; queued summaries are merged exactly (Chan) when a statistic is read, so a
+    module called once per probe never pays for a merge. Everything stays a tensor until
+    :meth:`pack`.
     """
 
     def __init__(self, scratch: Scratch) -> None:
         self._scratch = scratch
         self.rows = 0
         self.calls = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-        self.unit_max: torch.Tensor | None = None
-        self.unit_min: torch.Tensor | None = None
-        self.zeros: torch.Tensor | None = None
+        self._pending: list[_Summary] = []
+        # True once the unit count changed between calls and the stream became a single unit.
+        self.collapsed = False
         self.saturated: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None
         self.hist: torch.Tensor | None = None
@@ -269,35 +532,39 @@ class DeviceMoments:
                 only when the cheap per-unit flag fired).
             histogram: also count values in the fixed signed log-magnitude bins (a few more passes).
         """
+        if self.collapsed:
+            axis = None
         v = as_units(x.detach(), axis)
         a, u, b = v.shape
+        if self._pending and self._pending[0].mean.shape[0] != u:
+            # One module, outputs with different numbers of units (torchvision's Bottleneck applies
+            # one ReLU to 64- and 256-channel tensors): from now on the stream is one unit. The
+            # merge to one unit is exact, so every global statistic stays exact.
+            self.collapsed = True
+            self._pending = [_collapse(s) for s in self._pending]
+            self.rows = sum(s.rows for s in self._pending)
+            axis = None
+            v = as_units(x.detach(), None)
+            a, u, b = v.shape
         rows = a * b
         if rows == 0 or u == 0:
             return
-        mean, m2 = self._chunked_moments(v)
-        vmax = v.amax(dim=(0, 2)).to(torch.float64)
-        vmin = v.amin(dim=(0, 2)).to(torch.float64)
-        zeros = v.numel() - torch.count_nonzero(v)
-        if self.mean is None:
-            self.rows, self.mean, self.m2 = rows, mean, m2
-            self.unit_max, self.unit_min, self.zeros = vmax, vmin, zeros
-        else:
-            assert self.m2 is not None and self.unit_max is not None and self.unit_min is not None
-            if self.mean.shape[0] != u:
-                raise ValueError(f"unit count changed between calls: {self.mean.shape[0]} then {u}")
-            n, self.mean, self.m2 = chan_merge(self.rows, self.mean, self.m2, rows, mean, m2)
-            self.rows = n
-            self.unit_max = torch.maximum(self.unit_max, vmax)
-            self.unit_min = torch.minimum(self.unit_min, vmin)
-            self.zeros = self.zeros + zeros
+        try:
+            key: Any = (id(x), x._version, axis, saturation, tuple(x.shape), x.dtype)
+        except RuntimeError:  # inference tensors have no version counter: do not memoise
+            key = None
+        summary = self._scratch.recall(x, key) if key is not None else None
+        if summary is None:
+            summary = _summarize(v, self._scratch, saturation)
+            if key is not None:
+                self._scratch.remember(x, key, summary)
+        self._pending.append(summary)
+        if len(self._pending) > _MAX_PENDING:
+            self._merge()
+        self.rows += rows
         if saturation is not None:
-            centre, threshold = saturation
-            sat = (
-                torch.count_nonzero((v - centre).abs_() > threshold)
-                if centre
-                else torch.count_nonzero(v.abs() > threshold)
-            )
-            self.saturated = sat if self.saturated is None else self.saturated + sat
+            assert summary.saturated is not None
+            self.saturated = summary.saturated if self.saturated is None else self.saturated + summary.saturated
         if count_nonfinite:
             bad = v.numel() - torch.count_nonzero(torch.isfinite(v))
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
@@ -306,47 +573,57 @@ class DeviceMoments:
             self.hist = h if self.hist is None else self.hist + h
         self.calls += 1
 
-    def _chunked_moments(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-unit mean and M2 of ``v`` (A, U, B), in float64 chunks along A."""
-        a, u, b = v.shape
-        per_a = u * b
-        step = max(1, _SCRATCH_ELEMENTS // per_a)
-        n_total = 0
-        mean = m2 = None
-        for start in range(0, a, step):
-            chunk = v[start : start + step]
-            buf = self._scratch.get(v.device, chunk.numel()).view(chunk.shape)
-            buf.copy_(chunk)
-            n = chunk.shape[0] * b
-            c_mean = buf.sum(dim=(0, 2)) / n
-            buf.sub_(c_mean.view(1, u, 1))
-            c_m2 = buf.square_().sum(dim=(0, 2))
-            if mean is None:
-                n_total, mean, m2 = n, c_mean, c_m2
-            else:
-                n_total, mean, m2 = chan_merge(n_total, mean, m2, n, c_mean, c_m2)
-        assert mean is not None and m2 is not None
-        return mean, m2
+    def _merge(self) -> _Summary | None:
+        if not self._pending:
+            return None
+        merged = self._pending[0]
+        for other in self._pending[1:]:
+            merged = _merge_summaries(merged, other)
+        self._pending = [merged]
+        return merged
+
+    # The accumulated per-unit tensors (None before the first ``add``).
+    @property
+    def mean(self) -> torch.Tensor | None:
+        s = self._merge()
+        return None if s is None else s.mean
+
+    @property
+    def m2(self) -> torch.Tensor | None:
+        s = self._merge()
+        return None if s is None else s.m2
+
+    @property
+    def unit_max(self) -> torch.Tensor | None:
+        s = self._merge()
+        return None if s is None else s.unit_max
+
+    @property
+    def unit_min(self) -> torch.Tensor | None:
+        s = self._merge()
+        return None if s is None else s.unit_min
+
+    @property
+    def zeros(self) -> torch.Tensor | None:
+        s = self._merge()
+        return None if s is None else s.zeros
 
     def pack(self) -> list[torch.Tensor]:
         """The accumulated tensors in a fixed order, as float64, for one batched host transfer."""
-        assert self.mean is not None and self.m2 is not None
-        assert self.unit_max is not None and self.unit_min is not None and self.zeros is not None
-        dev = self.mean.device
+        s = self._merge()
+        assert s is not None
+        f64 = torch.float64
+        minus_one = s.zeros.new_full((), -1)
         scalars = torch.stack(
             [
-                self.zeros.to(torch.float64),
-                (self.saturated if self.saturated is not None else torch.tensor(-1, device=dev)).to(
-                    torch.float64
-                ),
-                (self.nonfinite if self.nonfinite is not None else torch.tensor(-1, device=dev)).to(
-                    torch.float64
-                ),
+                s.zeros,
+                self.saturated if self.saturated is not None else minus_one,
+                self.nonfinite if self.nonfinite is not None else minus_one,
             ]
-        )
-        parts = [self.mean, self.m2, self.unit_max, self.unit_min, scalars]
+        ).to(f64)
+        parts = [s.mean, s.m2, s.unit_max.to(f64), s.unit_min.to(f64), scalars]
         if self.hist is not None:
-            parts.append(self.hist.to(torch.float64))
+            parts.append(self.hist.to(f64))
         return parts
 
     @staticmethod
@@ -374,4 +651,41 @@ class DeviceMoments:
 
     @property
     def empty(self) -> bool:
-        return self.mean is None
+        return not self._pending
+
+
+def sum_and_square_sum(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``[Σx, Σx²]`` over all elements of ``x`` as a float64 tensor on its device (no host sync).
+
+    Exact float64 accumulation of the (exactly representable) values, in cache-sized chunks: one
+    read of ``x`` (a float64 reduction straight from float32 is several times slower on CPU).
+    """
+    return _sums(x, scratch, with_sum=True)
+
+
+def square_sum(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``Σx²`` over all elements of ``x`` as a 0-d float64 tensor on its device (no host sync)."""
+    return _sums(x, scratch, with_sum=False)[0]
+
+
+@torch.no_grad()
+def _sums(x: torch.Tensor, scratch: Scratch, *, with_sum: bool) -> torch.Tensor:
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    device = flat.device
+    step = scratch.chunk_elements
+    if n == 0:
+        return torch.zeros(2 if with_sum else 1, dtype=torch.float64, device=device)
+    buf = scratch.get(device, min(n, step))
+    parts: list[torch.Tensor] = []
+    for start in range(0, n, step):
+        chunk = flat if step >= n else flat[start : start + step]
+        b = buf if chunk.numel() == buf.numel() else buf[: chunk.numel()]
+        b.copy_(chunk)
+        if with_sum:
+            parts.append(b.sum())
+        parts.append(torch.dot(b, b))
+    sums = torch.stack(parts)
+    if with_sum:
+        return sums.view(-1, 2).sum(dim=0)
+    return sums.sum().view(1)

@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 # public name → module that defines it
 _EXPORTS = {
-    "probe": "gradprobe.probe",
-    "Inputs": "gradprobe.probe",
+    "probe": "gradprobe.probing",
+    "Inputs": "gradprobe.probing",
     "Report": "gradprobe.report",
     "LayerRecord": "gradprobe.report",
     "TensorStats": "gradprobe.report",

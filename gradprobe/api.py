@@ -187,7 +187,7 @@ def assert_stable(
     and fix. ``options`` go to :func:`gradprobe.probe` (``init``, ``seed``, ``loss``, ``overrides``,
     ``thresholds`` …). Returns the report when the model passes.
     """
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     options.pop("diagnose", None)
     report = probe(model, inputs, diagnose=True, **options)
@@ -218,7 +218,7 @@ def compare(
     """
     from torch import nn
 
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     if not inits:
         raise UsageError("no initializers to compare", hint="e.g. inits=['xavier_normal', 'kaiming_normal']")
@@ -309,7 +309,7 @@ def probe_loaded(loaded: Any, inputs: Any, **options: Any) -> Any:
     knows written into the report (original type names, notes, opaque layers). A model measured
     only as a whole gets an ``opaque_model`` warning, so that no gate passes it silently."""
     from gradprobe.errors import ProbeError
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     try:
         report = probe(loaded.module, inputs, **options)

@@ -726,7 +726,7 @@ def _rebuild_exported_leaves(module: nn.Module, types: Mapping[str, str], inputs
     """Replace each leaf ``InterpreterModule`` whose original type is a standard ``torch.nn`` layer by
     an eager rebuild that reproduces its output on the real inputs (initializers recognise those).
     Returns the names replaced."""
-    from gradprobe.probe import normalize_batches
+    from gradprobe.probing import normalize_batches
 
     args, kwargs = normalize_batches(inputs)[0]
     candidates = {
@@ -973,7 +973,7 @@ def _from_torchscript(scripted: Any, source: str) -> LoadedModel:
     loaded.notes.append(_torchscript_note(opaque, top))
 
     def validate(inputs: Any) -> None:
-        from gradprobe.probe import normalize_batches
+        from gradprobe.probing import normalize_batches
 
         if not isinstance(module, nn.Sequential):
             return

@@ -35,6 +35,6 @@ def gradprobe_stable() -> Callable[..., Any]:
 @pytest.fixture
 def gradprobe_probe() -> Callable[..., Any]:
     """``gradprobe_probe(model, inputs, **options) -> Report``: :func:`gradprobe.probe`."""
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     return probe

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradprobe.probe import probe
+from gradprobe.probing import probe
 from gradprobe.render.plots import plot_compare
 
 # (initializer spec, legend label)

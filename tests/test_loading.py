@@ -322,7 +322,7 @@ def _act_vars(report) -> dict[str, float]:
 
 def test_torchscript_sequential_is_unrolled_and_matches_eager(tmp_path: Path) -> None:
     from gradprobe.api import load_target, probe_loaded
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     eager = _seq()
     torch.jit.script(eager).save(str(tmp_path / "seq.pt"))
@@ -382,7 +382,7 @@ def test_scripted_block_uses_the_probes_parameters(tmp_path: Path) -> None:
 
 def test_export_program_probes_every_layer(tmp_path: Path) -> None:
     from gradprobe.api import load_target, probe_loaded
-    from gradprobe.probe import probe
+    from gradprobe.probing import probe
 
     eager = _seq()
     example = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))

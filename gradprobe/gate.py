@@ -12,7 +12,7 @@ Configuration lives in ``[tool.gradprobe]`` of ``pyproject.toml`` (documented in
     drift-decades = 1.0            # a layer's variance may move this many decades from the baseline
 
     [tool.gradprobe.thresholds]    # diagnosis thresholds (gradprobe.diagnose.Thresholds fields)
-    vanishing_error = 1e-8
+    vanishing_gradients_error = 1e-8
 
     [[tool.gradprobe.models]]
     model = "models.py:make_mlp"   # any MODEL form of `gradprobe probe`

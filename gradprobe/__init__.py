@@ -43,6 +43,8 @@ _EXPORTS = {
     "plot_histograms": "gradprobe.render.plots",
     "plot_units": "gradprobe.render.plots",
     "render_html": "gradprobe.render.html",
+    "fix": "gradprobe.fixing",
+    "width_sweep": "gradprobe.widths",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Probe gradprobe.zoo.demo_model() with xavier_normal (signal vanishes), then with the fix.")  # fmt: skip
     d.add_argument("--width", type=int, metavar="N", help="console width")
     _add_debug(d)
+
+    from gradprobe.fixing import add_fix_parser
+    from gradprobe.widths import add_widths_parser
+
+    add_fix_parser(sub)
+    add_widths_parser(sub)
     return parser
 
 
@@ -541,12 +547,26 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_fix(ns: argparse.Namespace) -> int:
+    from gradprobe.fixing import run_fix
+
+    return run_fix(ns)
+
+
+def _cmd_widths(ns: argparse.Namespace) -> int:
+    from gradprobe.widths import run_widths
+
+    return run_widths(ns)
+
+
 _COMMANDS = {
     "probe": _cmd_probe,
     "compare": _cmd_compare,
     "check": _cmd_check,
     "inits": _cmd_inits,
     "demo": _cmd_demo,
+    "fix": _cmd_fix,
+    "widths": _cmd_widths,
 }
 
 

@@ -1109,3 +1109,7 @@ class InitPlan:
     def describe(self) -> str:
         """``"kaiming_normal; head=zeros; layers.*.fc2=normal(std=0.02)"``."""
         return "; ".join([self.default.describe(), *(f"{g}={i.describe()}" for g, i in self.overrides)])
+
+
+# The data-dependent LSUV initializer registers itself (it needs the registry defined above).
+from gradprobe import lsuv as _lsuv  # noqa: E402,F401

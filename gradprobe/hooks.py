@@ -95,7 +95,9 @@ def _leaves(obj: Any) -> Iterator[Any]:
             yield from _leaves(getattr(obj, f.name))
 
 
-def select_output(output: Any, selector: str | Callable[[Any], Any] | None = None) -> torch.Tensor | None:
+def select_output(
+    output: Any, selector: str | int | Callable[[Any], Any] | None = None
+) -> torch.Tensor | None:
     """The tensor that stands for a (model or module) output.
 
     The rule: a tensor is itself; otherwise the ``logits`` entry (dict key, attribute or dataclass
@@ -325,6 +327,8 @@ class Recorder:
             if axis != st.unit_axis and x.dim() > 0 and st.unit_axis is not None:
                 axis = st.unit_axis if st.unit_axis < x.dim() else axis
             st.act.add(x, axis, st.saturation, self.exact_nonfinite, self.histograms)
+            if st.act.collapsed:  # outputs with different unit counts: reported as one unit
+                st.unit_axis = None
             if self.exact_nonfinite:
                 finite = all(
                     bool(torch.isfinite(t).all())
@@ -477,7 +481,8 @@ def _activation_param(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         return float(v)
     if base == "prelu":
         w = kwargs.get("weight", args[1] if len(args) > 1 else None)
-        return float(w.detach().float().mean()) if isinstance(w, torch.Tensor) else 0.25
+        # a 0-d tensor, read on the host only when the trace is done (no sync inside the pass)
+        return w.detach().float().mean() if isinstance(w, torch.Tensor) else 0.25  # type: ignore[return-value]
     if base in ("elu", "celu"):
         return float(kwargs.get("alpha", args[1] if len(args) > 1 else 1.0))
     return None
@@ -496,9 +501,25 @@ class ActivationTracer(TorchFunctionMode):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.found: dict[str, tuple[str, float | None]] = {}
+        self._found: dict[str, tuple[str, Any]] = {}
         self._tags = _TensorTags()
         self._handles: list[Any] = []
+
+    @property
+    def found(self) -> dict[str, tuple[str, float | None]]:
+        """Layer name → (activation, its parameter), for the layers whose activation was found.
+
+        Parameters that live in tensors (PReLU slopes) are read here, all in one transfer, after
+        the pass: never inside it.
+        """
+        tensors = [param for _, param in self._found.values() if isinstance(param, torch.Tensor)]
+        if tensors:
+            device = tensors[0].device
+            values = iter(torch.stack([t.reshape(()).to(device) for t in tensors]).cpu().tolist())
+        return {
+            name: (act, next(values) if isinstance(param, torch.Tensor) else param)
+            for name, (act, param) in self._found.items()
+        }
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[ActivationTracer]:
@@ -534,8 +555,8 @@ class ActivationTracer(TorchFunctionMode):
             layer = self._tags.get(src)
             if layer is not None:
                 if base in _ACTIVATION_FUNCS:
-                    if layer not in self.found:
-                        self.found[layer] = (_ACTIVATION_FUNCS[base], _activation_param(base, args, kwargs))
+                    if layer not in self._found:
+                        self._found[layer] = (_ACTIVATION_FUNCS[base], _activation_param(base, args, kwargs))
                 else:
                     first = (
                         out

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradprobe.distributed import any_rank, check_supported
 from gradprobe.errors import GradprobeError, ProbeError, UsageError
 from gradprobe.hooks import (
     ActivationTracer,
@@ -468,6 +469,8 @@ class _Session:
         self.device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
         self.modules = select_modules(model, cfg.include, cfg.exclude)
         self.keep = plan.is_keep and self.device == _model_device(model)
+        # [distributed] FSDP2/DTensor-sharded parameters: probe as built only (gradprobe.distributed)
+        self.sharded = check_supported(model, keep=self.keep)
         self.activations: dict[str, tuple[str, float | None]] = {}
         self.gains: dict[str, float] = {}
         self.init_desc: dict[str, str] = {}
@@ -591,9 +594,12 @@ class _Session:
                 hint="check the input shape and dtype (--input) against what the model expects",
             ) from e
 
-    def _trace_activations(self, batch: Batch, buffers: dict[int, torch.Tensor]) -> None:
+    def _trace_activations(
+        self, batch: Batch, buffers: dict[int, torch.Tensor], params: dict[int, nn.Parameter] | None = None
+    ) -> None:
         tracer = ActivationTracer(self.model)
-        with swapped(self.model, None, buffers), torch.no_grad(), tracer.attached():
+        # [device] the new parameters (still copies of the originals) live on the probe's device
+        with swapped(self.model, params, buffers), torch.no_grad(), tracer.attached():
             self._forward(None, batch)
         self.activations = dict(tracer.found)
 
@@ -604,13 +610,14 @@ class _Session:
         fresh_buffers = {k: v.clone() for k, v in buffers.items()}
         if not self.keep:
             # Gains depend on which activation follows each layer: trace a forward pass first.
-            self._trace_activations(prepared[0], fresh_buffers)
+            self._trace_activations(prepared[0], fresh_buffers, params)
             fresh_buffers = {k: v.clone() for k, v in buffers.items()}
         kept = self._initialise(params, fresh_buffers, prepared[0])
         states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False)
         layers = self._layers(states, param_stats)
-        if any(x.act is not None and x.act.moments.nonfinite_units for x in layers) or any(
-            x.grad is not None and x.grad.moments.nonfinite_units for x in layers
+        if any_rank(  # [distributed] every rank or none re-runs: under FSDP2 a forward is a collective
+            any(x.act is not None and x.act.moments.nonfinite_units for x in layers)
+            or any(x.grad is not None and x.grad.moments.nonfinite_units for x in layers)
         ):
             # Rare: count non-finite values exactly and check module inputs, in a second identical pass.
             states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=True)
@@ -619,9 +626,12 @@ class _Session:
                 layer.extra["inputs_finite"] = states[layer.name].inputs_finite
         meta = self._meta(batches, kept)
         report = Report(layers=layers, meta=meta)
-        if self._wants_gate_check(layers):
-            self._gate_check(report, prepared, params, buffers)
-        self._attach_unit_analysis(report, params, grads)
+        if self.sharded:  # [distributed] both need whole weight matrices (gradprobe.distributed)
+            report.meta["sharded"] = {"skipped": ["gate_check", "symmetry", "parameter_gradients"]}
+        else:
+            if self._wants_gate_check(layers):
+                self._gate_check(report, prepared, params, buffers)
+            self._attach_unit_analysis(report, params, grads)
         self._attach_predictions(report)
         return report
 

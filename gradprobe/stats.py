@@ -15,17 +15,23 @@ Two layers live here:
 * :class:`Moments` is the host-side result (numpy arrays), the form stored in a :class:`Report`.
   ``Moments.merge`` is the same exact merge, for combining reports from several processes.
 
-How ``add`` stays cheap and exact (measurements in docs/performance.md): the tensor is read from
-memory once, in chunks of :data:`CHUNK_ELEMENTS` that fit a core's L2 cache. Each chunk is copied
-into a float64 scratch buffer; the per-unit maximum, minimum and the zero count are taken from the
-source chunk while it is still in cache; the float64 copy is shifted by a per-unit *centre* ``c``
-(the mean of the unit's first chunk, so a tensor that fits one chunk gets the plain two-pass
-computation) and the shifted sums ``S1 = Σ(x − c)`` and ``S2 = Σ(x − c)²`` accumulate over the
-chunks without any merge: ``mean = c + S1/n``, ``M2 = S2 − S1²/n``. The cancellation in that last
-step is at most ``(c − mean)²·n/M2 ≤ n/n₁`` float64 ulps (``n₁`` the samples in the first chunk,
-whose mean ``c`` is), i.e. the number of chunks: a few ulps, where the naive ``Σx² − (Σx)²/n`` loses
-every digit at mean 1e4, std 1. The summaries of successive calls (batches, repeated modules) are
-queued and merged with Chan's formula when read.
+How ``add`` stays cheap and exact (measurements in docs/performance.md). The tensor is read from
+memory once, in chunks of :data:`CHUNK_ELEMENTS`. Each chunk is copied into a float64 scratch
+buffer; the per-unit maximum and minimum and the zero count (``Σ sign(x)²``, a dot product) are
+taken from the source chunk while it is in cache; then the per-unit moments, in float64, in cache:
+
+* ``(rows, units)`` chunks (units on the last axis: Linear, attention, LayerNorm, embeddings) go
+  through ``torch.batch_norm_update_stats``, one fused two-pass mean/variance kernel per channel;
+  chunks are merged with Chan's formula.
+* Other layouts (channels with spatial positions) are shifted by a per-unit *centre* ``c``, the
+  mean of the unit's first chunk, and the shifted sums ``S1 = Σ(x − c)`` and ``S2 = Σ(x − c)²``
+  (matrix-vector products) accumulate over the chunks: ``mean = c + S1/n``, ``M2 = S2 − S1²/n``.
+  Since ``c`` is the mean of the first chunk's ``n₁`` samples, ``(c − mean)² ≤ M2/n₁``, so
+  ``S2 ≤ M2·(1 + n/n₁)`` and the cancellation costs at most ``1 + n/n₁`` (about the number of
+  chunks) float64 ulps, where the naive ``Σx² − (Σx)²/n`` loses every digit at mean 1e4, std 1.
+
+The summaries of successive calls (batches, repeated modules) are queued and merged with Chan's
+formula when read. A tensor recorded twice (an ``nn.Identity``'s output) is read once.
 """
 
 from __future__ import annotations
@@ -74,10 +80,11 @@ def histogram_edges() -> np.ndarray:
 
 HIST_EDGES = histogram_edges()
 
-# Elements per chunk: 64 Ki float64 values = 512 KiB, one core's L2 cache here, so that the copy,
-# shift, square and sums of a chunk run in cache after a single read of the tensor from memory, and
-# large enough that the ~10 tensor ops per chunk (a few µs each) stay a small share of the time.
-CHUNK_ELEMENTS = 1 << 16
+# Elements per chunk: 256 Ki values (a 2 MiB float64 buffer). Measured on the 2-core CPU (1 and 2
+# threads): 64 Ki chunks, which fit one core's L2, lose to the per-op overhead of ~8 tensor ops per
+# chunk (a few µs each); above 256 Ki the buffer spills to memory. 2.4-3x faster than whole-tensor
+# passes at 2 Mi.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any) -> tuple[Any, Any, Any]:
@@ -98,7 +105,8 @@ def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: An
 
 
 class Scratch:
-    """Reusable per-device buffers for the statistics: a float64 chunk buffer and a vector of ones.
+    """Reusable per-device buffers for the statistics: the float64 chunk buffer, a second buffer (the
+    signs for zero counting), and a vector of ones (sums as matrix-vector products).
 
     It also remembers the summary of the last tensor summarised, so that a tensor recorded twice (an
     ``nn.Identity`` returns its input; two tensor hooks on one output receive one gradient) is read
@@ -159,18 +167,22 @@ class Scratch:
 def as_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """View ``x`` as ``(A, U, B)`` with the unit axis in the middle (no copy for contiguous input).
 
-    ``axis=None`` means the whole tensor is one unit. A tensor whose unit axis is innermost in
-    memory (a channels-last activation) is viewed as ``(rest, U, 1)``, also without a copy: the
-    statistics do not depend on the order of the samples.
+    ``axis=None`` means the whole tensor is one unit. A tensor that is a permutation of a
+    contiguous one (channels-last activations, the ``(T, N, E)`` outputs of batch-first attention,
+    transposed views) is viewed, without a copy, with its dimensions in memory order: the
+    statistics do not depend on the order of the samples. Anything else is copied.
     """
     if axis is None or x.dim() == 0:
         return x.reshape(-1, 1, 1)
     axis = axis % x.dim()
     shape = x.shape
     if not x.is_contiguous():
-        moved = x.movedim(axis, -1)
-        if moved.is_contiguous():
-            return moved.reshape(-1, shape[axis], 1)
+        order = sorted(range(x.dim()), key=lambda d: (x.stride(d), shape[d]), reverse=True)
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            p = order.index(axis)
+            a = math.prod(permuted.shape[:p])
+            return permuted.view(a, shape[axis], -1)
     a = math.prod(shape[:axis])
     b = math.prod(shape[axis + 1 :])
     return x.reshape(a, shape[axis], b)
@@ -322,6 +334,15 @@ def _count_saturated(chunk: torch.Tensor, saturation: tuple[float, float]) -> to
     return torch.count_nonzero(chunk.abs() > threshold)
 
 
+# Rows at least this long are summed along the row first (see _Views).
+_LONG_ROW = 64
+# (rows, units) chunks with at least this many units use the fused per-channel statistics kernel
+# (with very few units it is no faster than the matrix-vector sums).
+_FUSED_MIN_UNITS = 16
+# Devices with a kernel for it (not meta, say): elsewhere the matrix-vector path, which any backend has.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
 class _Views:
     """Views of the scratch buffers for one chunk shape ``(k, u, b)``, built once per shape."""
 
@@ -329,14 +350,28 @@ class _Views:
         k, u, b = shape
         n = k * u * b
         self.buf = scratch.get(device, n).view(k, u, b)
-        # per-unit sums: a matrix-vector product where the layout allows (one read, no temporary)
-        if b == 1:
-            self.mat: torch.Tensor | None = self.buf.view(k, u).t()
-            self.vec = scratch.ones(device, k)
+        # Per-unit sums as matrix-vector products (one read, no temporary). Reductions of (k, u, b)
+        # over dims (0, 2) take a slow strided path in torch on CPU, so with several samples of
+        # several elements per unit the sum goes in two stages: along the rows of b elements first
+        # when rows are long, else over the samples first (a column sum over k rows of u·b values).
+        self.stages = 0 if k == 1 or b == 1 or u == 1 else 1 if b >= _LONG_ROW else 2
+        self.flat = u == 1
+        self.fused = b == 1 and u >= _FUSED_MIN_UNITS and device.type in _FUSED_DEVICES
+        self.buf2d = self.buf.view(k, u * b)
+        if u == 1:
+            self.mat, self.vec = self.buf.view(1, k * b), scratch.ones(device, k * b)
+        elif b == 1:
+            self.mat, self.vec = self.buf.view(k, u).t(), scratch.ones(device, k)
         elif k == 1:
             self.mat, self.vec = self.buf.view(u, b), scratch.ones(device, b)
-        else:
-            self.mat = None
+        elif self.stages == 1:  # rows first: (k·u, b) @ 1 → (k, u), then over k
+            self.first, self.first_vec = self.buf.view(k * u, b), scratch.ones(device, b)
+            self.stage = torch.empty(k * u, dtype=torch.float64, device=device)
+            self.mat, self.vec = self.stage.view(k, u).t(), scratch.ones(device, k)
+        else:  # samples first: (k, u·b)ᵀ @ 1 → (u, b), then along b
+            self.first, self.first_vec = self.buf.view(k, u * b).t(), scratch.ones(device, k)
+            self.stage = torch.empty(u * b, dtype=torch.float64, device=device)
+            self.mat, self.vec = self.stage.view(u, b), scratch.ones(device, b)
         # zero counting as Σ sign(x)²: signs of float32/float64 chunks straight from the source
         # (in cache), of half-precision chunks from the float64 copy
         sign_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
@@ -346,10 +381,31 @@ class _Views:
 
     def unit_sum(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-unit sum of the float64 buffer, added into ``out`` when given."""
-        if self.mat is None:
-            total = self.buf.sum(dim=(0, 2))
-            return total if out is None else out.add_(total)
+        if self.stages:  # the first stage, into the matrix behind `mat`
+            torch.mv(self.first, self.first_vec, out=self.stage)
         return torch.mv(self.mat, self.vec) if out is None else out.addmv_(self.mat, self.vec)
+
+    def extremes(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-unit maximum and minimum of a source chunk."""
+        if self.stages == 1:
+            return chunk.amax(dim=2).amax(dim=0), chunk.amin(dim=2).amin(dim=0)
+        if self.stages == 2:
+            return chunk.amax(dim=0).amax(dim=1), chunk.amin(dim=0).amin(dim=1)
+        if self.flat:
+            flat = chunk.reshape(1, -1)
+            return flat.amax(dim=1), flat.amin(dim=1)
+        return chunk.amax(dim=(0, 2)), chunk.amin(dim=(0, 2))
+
+
+def _chan(
+    n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Chan's merge with counts as Python ints (no tensor made from host data, so no transfer)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a.add(delta, alpha=n_b / n)
+    m2 = (m2_a + m2_b).add_(delta.square_(), alpha=n_a * n_b / n)
+    return n, mean, m2
 
 
 def _summarize_chunks(
@@ -358,16 +414,20 @@ def _summarize_chunks(
     """Summary of a stream of ``(k, u, b)`` chunks that all hold the same ``u`` units.
 
     Per chunk: one copy into the float64 buffer (the only read from memory), max, min and zero
-    count from the source while it is in cache, then shift, square and two per-unit sums in cache.
-    About ten tensor ops per chunk; views of the buffers are built once per chunk shape.
+    count from the source while it is in cache, then the per-unit moments in cache: for
+    ``(rows, units)`` chunks (the last axis holds the units: Linear, attention, LayerNorm outputs)
+    one fused kernel, ``torch.batch_norm_update_stats`` in float64 (a two-pass mean and variance per
+    channel, 2-5x faster than the matrix-vector sums; chunks merged with Chan's formula); otherwise
+    shift, square and two per-unit sums. About eight tensor ops per chunk; views of the buffers are
+    built once per chunk shape.
     """
     views: dict[torch.Size, _Views] = {}
     maxima: list[torch.Tensor] = []
     minima: list[torch.Tensor] = []
     nonzero: list[torch.Tensor] = []
     saturated: list[torch.Tensor] = []
-    centre = centre_view = s1 = s2 = None
-    rows = elements = 0
+    centre = centre_view = s1 = s2 = chunk_mean = chunk_m2 = None
+    rows = elements = chunk_rows = 0
     for chunk in chunks:
         shape = chunk.shape
         w = views.get(shape)
@@ -378,13 +438,24 @@ def _summarize_chunks(
         elements += k * u * b
         buf = w.buf
         buf.copy_(chunk)
-        maxima.append(chunk.amax(dim=(0, 2)))
-        minima.append(chunk.amin(dim=(0, 2)))
+        hi, lo = w.extremes(chunk)
+        maxima.append(hi)
+        minima.append(lo)
         torch.sign(chunk if w.signs_from_source else buf, out=w.signs)
         nonzero.append(torch.dot(w.signs_flat, w.signs_flat))
         if saturation is not None:
             saturated.append(_count_saturated(chunk, saturation))
-        if centre_view is None:
+        if w.fused:
+            # one fused two-pass kernel for the per-unit mean and variance of a (rows, units) chunk;
+            # chunks merged with Chan's formula
+            c_mean, c_var = torch.batch_norm_update_stats(w.buf2d, None, None, 0.0)
+            c_m2 = c_var.mul_(k)
+            if chunk_mean is None:
+                chunk_rows, chunk_mean, chunk_m2 = k, c_mean, c_m2
+            else:
+                assert chunk_m2 is not None
+                chunk_rows, chunk_mean, chunk_m2 = _chan(chunk_rows, chunk_mean, chunk_m2, k, c_mean, c_m2)
+        elif centre_view is None:
             centre = w.unit_sum().div_(k * b)
             centre_view = centre.view(1, u, 1)
             buf.sub_(centre_view).mul_(buf)
@@ -394,12 +465,15 @@ def _summarize_chunks(
             s1 = w.unit_sum(s1)
             buf.mul_(buf)
             w.unit_sum(s2)
-    assert centre is not None and s2 is not None
-    if s1 is None:
-        mean, m2 = centre, s2
+    if chunk_mean is not None and chunk_m2 is not None:
+        mean, m2 = chunk_mean, chunk_m2
     else:
-        mean = centre.add(s1, alpha=1.0 / rows)
-        m2 = s2.sub_(s1.mul_(s1), alpha=1.0 / rows)
+        assert centre is not None and s2 is not None
+        if s1 is None:
+            mean, m2 = centre, s2
+        else:
+            mean = centre.add(s1, alpha=1.0 / rows)
+            m2 = s2.sub_(s1.mul_(s1), alpha=1.0 / rows)
     f64 = torch.float64
     count = nonzero[0].to(f64) if len(nonzero) == 1 else torch.stack(nonzero).sum(dtype=f64)
     return _Summary(
@@ -670,6 +744,19 @@ def square_sum(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
 
 @torch.no_grad()
 def _sums(x: torch.Tensor, scratch: Scratch, *, with_sum: bool) -> torch.Tensor:
+    groups: list[Any] = []
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        # a DTensor shard (FSDP2): sum the local piece, then add the pieces over the sharded mesh dims
+        from gradprobe.distributed import shard_groups
+
+        x, groups = shard_groups(x.detach())
+    sums = _local_sums(x, scratch, with_sum=with_sum)
+    for group in groups:
+        torch.distributed.all_reduce(sums, group=group)
+    return sums
+
+
+def _local_sums(x: torch.Tensor, scratch: Scratch, *, with_sum: bool) -> torch.Tensor:
     flat = x.detach().reshape(-1)
     n = flat.numel()
     device = flat.device

@@ -1,0 +1,377 @@
+"""What does a probe cost, next to the forward and backward pass it observes?
+
+Measures, in one process, with the methods interleaved within every repetition and medians
+reported:
+
+* **bare**: the forward and backward pass the probe itself runs (train mode, the probe's ``randn``
+  cotangent, ``torch.autograd.grad`` over every parameter and the floating inputs), no hooks;
+* **gradprobe**: ``gradprobe.probe(model, inputs, gate_check=False)``, the diagnosis included;
+* **per-layer .item()**: the common per-layer pattern, a forward hook on every module gradprobe
+  records that calls ``.item()`` per statistic (fastai's ``ActivationStats``: mean, std, near-zero
+  fraction; mup's coordinate check and ``wandb.watch`` work the same way) around the same bare pass.
+
+The passes the diagnosis adds only for suspicious cases are timed on their own (fewer repetitions)
+and reported as a ratio to the bare pass: the **gate check** (``gate_check=True``: a few Adam steps
+on a private copy of the parameters, then the passes again) and the **tracer pre-pass** (a no-grad
+forward that finds each layer's activation before a non-``keep`` initializer runs).
+
+Peak memory: on CPU the resident-set high-water mark (``ru_maxrss``) of a fresh subprocess per
+configuration and method, which builds the model, runs the method twice and reports; on CUDA
+``torch.cuda.max_memory_allocated`` in process.
+
+Run ``python scripts/benchmark.py --out DIR`` (``--quick`` for a smoke run with small models). It
+prints a table and writes ``DIR/benchmark.json`` and ``DIR/benchmark.md``. Wall-clock times on a
+shared machine are noisy: the load average before and after is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradprobe import zoo
+from gradprobe.hooks import select_modules, select_output
+from gradprobe.probing import _Session, probe
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    title: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], torch.Tensor]
+    target: float  # gradprobe / bare, from issue 6
+
+
+CONFIGS: dict[str, Config] = {
+    "mlp": Config(
+        "(a) MLP 20×1024, batch 256",
+        lambda: zoo.mlp(depth=20, width=1024),
+        lambda g: torch.randn(256, 1024, generator=g),
+        1.10,
+    ),
+    "resnet50": Config(
+        "(b) ResNet-50-style, batch 32, 128²",
+        lambda: zoo.resnet50_style(),
+        lambda g: torch.randn(32, 3, 128, 128, generator=g),
+        1.25,
+    ),
+    "transformer": Config(
+        "(c) transformer 24×256, batch 8, seq 128",
+        lambda: zoo.transformer(depth=24, d_model=256, max_len=128),
+        lambda g: torch.randint(0, 100, (8, 128), generator=g),
+        1.25,
+    ),
+}
+
+QUICK: dict[str, Config] = {
+    "mlp": Config("(a) MLP 4×128, batch 32", lambda: zoo.mlp(depth=4, width=128), lambda g: torch.randn(32, 128, generator=g), 1.10),
+    "resnet50": Config(
+        "(b) ResNet-50-style (1 block per stage, width 8), batch 2, 64²",
+        lambda: zoo.resnet50_style(layers=(1, 1, 1, 1), width=8),
+        lambda g: torch.randn(2, 3, 64, 64, generator=g),
+        1.25,
+    ),
+    "transformer": Config(
+        "(c) transformer 2×32, batch 2, seq 16",
+        lambda: zoo.transformer(depth=2, d_model=32, max_len=16),
+        lambda g: torch.randint(0, 100, (2, 16), generator=g),
+        1.25,
+    ),
+}
+
+METHODS = ("bare", "gradprobe", "per_layer")
+
+
+def _setup(config: Config, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = config.build().to(device).train()
+    x = config.inputs(torch.Generator().manual_seed(1)).to(device)
+    return model, x
+
+
+# --------------------------------------------------------------------------------------------
+# the three methods
+# --------------------------------------------------------------------------------------------
+
+
+def bare_pass(model: nn.Module, x: torch.Tensor) -> None:
+    """The probe's own forward and backward, without hooks or statistics."""
+    inp = x.detach().requires_grad_(x.is_floating_point())
+    out = select_output(model(inp))
+    assert out is not None
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    loss = (out * v).sum() / math.sqrt(max(1, out[0].numel()))
+    targets = [p for p in model.parameters() if p.requires_grad] + ([inp] if inp.requires_grad else [])
+    torch.autograd.grad(loss, targets, allow_unused=True)
+
+
+def gradprobe_pass(model: nn.Module, x: torch.Tensor) -> None:
+    probe(model, x, gate_check=False)
+
+
+def per_layer_pass(model: nn.Module, x: torch.Tensor) -> None:
+    """fastai ActivationStats' hook (mean, std, near-zero fraction, each read with .item()) on every
+    module gradprobe records, around the bare pass."""
+    records: list[tuple[float, float, float]] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        o = select_output(output)
+        if not isinstance(o, torch.Tensor) or not o.is_floating_point():
+            return
+        o = o.float().detach()
+        records.append((o.mean().item(), o.std().item(), (o <= 0.05).long().sum().item() / o.numel()))
+
+    handles = [m.register_forward_hook(hook) for m in select_modules(model).values()]
+    try:
+        bare_pass(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+RUNNERS: dict[str, Callable[[nn.Module, torch.Tensor], None]] = {
+    "bare": bare_pass,
+    "gradprobe": gradprobe_pass,
+    "per_layer": per_layer_pass,
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# the extra passes, timed on their own
+# --------------------------------------------------------------------------------------------
+
+
+def _method_time(method: str, call: Callable[[], object]) -> float:
+    """Seconds spent inside ``_Session.<method>`` during ``call``."""
+    original = getattr(_Session, method)
+    spent = [0.0]
+
+    def wrapped(self: _Session, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    setattr(_Session, method, wrapped)
+    try:
+        call()
+    finally:
+        setattr(_Session, method, original)
+    return spent[0]
+
+
+def extra_passes(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    gate = [_method_time("_gate_check", lambda: probe(model, x, gate_check=True)) for _ in range(repeats)]
+    tracer = [
+        _method_time("_trace_activations", lambda: probe(model, x, init="kaiming_normal", gate_check=False))
+        for _ in range(repeats)
+    ]
+    return {"gate_check_s": statistics.median(gate), "tracer_prepass_s": statistics.median(tracer)}
+
+
+# --------------------------------------------------------------------------------------------
+# peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def child(name: str, method: str, quick: bool, threads: int | None) -> None:
+    """In a fresh process: build, run the method twice, report the RSS high-water mark (KiB)."""
+    if threads:
+        torch.set_num_threads(threads)
+    config = (QUICK if quick else CONFIGS)[name]
+    model, x = _setup(config, torch.device("cpu"))
+    before = _rss_kib()
+    for _ in range(2):
+        RUNNERS[method](model, x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_kib": peak, "before_kib": before}))
+
+
+def peak_memory(name: str, method: str, quick: bool, threads: int | None, device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        config = (QUICK if quick else CONFIGS)[name]
+        model, x = _setup(config, device)
+        RUNNERS[method](model, x)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        RUNNERS[method](model, x)
+        torch.cuda.synchronize(device)
+        return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "before_mib": base / 2**20}
+    command = [sys.executable, __file__, "--child", name, method] + (["--quick"] if quick else [])
+    if threads:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"peak_mib": result["peak_kib"] / 1024, "before_mib": result["before_kib"] / 1024}
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = QUICK if args.quick else CONFIGS
+    names = args.configs or list(configs)
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+        },
+        "load_before": list(os.getloadavg()),
+        "configs": {},
+    }
+    for name in names:
+        config = configs[name]
+        model, x = _setup(config, device)
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for method in METHODS:  # warm-up: allocator, lazy imports, first-call dispatch
+            RUNNERS[method](model, x)
+        for _ in range(args.repeats):
+            for method in METHODS:
+                times[method].append(_timed(functools.partial(RUNNERS[method], model, x), device))
+        med = {m: statistics.median(v) for m, v in times.items()}
+        entry: dict[str, Any] = {
+            "title": config.title,
+            "target": config.target,
+            "median_s": med,
+            "all_s": times,
+            "ratio": {m: med[m] / med["bare"] for m in METHODS},
+        }
+        overhead = med["gradprobe"] - med["bare"]
+        pattern_overhead = med["per_layer"] - med["bare"]
+        entry["overhead_vs_per_layer"] = overhead / pattern_overhead if pattern_overhead > 0 else math.inf
+        if args.extra_repeats:
+            extra = extra_passes(model, x, args.extra_repeats)
+            entry["extra_s"] = extra
+            entry["extra_ratio"] = {k: v / med["bare"] for k, v in extra.items()}
+        if not args.no_memory:
+            entry["memory"] = {m: peak_memory(name, m, args.quick, args.threads, device) for m in METHODS}
+            entry["memory_ratio"] = entry["memory"]["gradprobe"]["peak_mib"] / entry["memory"]["bare"]["peak_mib"]
+        result["configs"][name] = entry
+        print(_line(name, entry), flush=True)
+        del model, x
+    result["load_after"] = list(os.getloadavg())
+    return result
+
+
+def _line(name: str, e: dict[str, Any]) -> str:
+    r = e["ratio"]
+    text = f"{name}: bare {e['median_s']['bare'] * 1e3:.0f} ms, gradprobe {r['gradprobe']:.3f}x, per-layer {r['per_layer']:.3f}x"
+    if "memory_ratio" in e:
+        text += f", peak memory {e['memory_ratio']:.3f}x"
+    return text
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    memory_unit = "max allocated" if m["device"].startswith("cuda") else "peak RSS"
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads, "
+        f"device {m['device']}; load average (1, 5, 15 min) before "
+        f"{', '.join(f'{v:.1f}' for v in result['load_before'])}, after "
+        f"{', '.join(f'{v:.1f}' for v in result['load_after'])}.",
+        "",
+        f"| model | bare fwd+bwd | gradprobe | target | per-layer `.item()` | overhead vs per-layer | "
+        f"{memory_unit} bare → gradprobe | gate check (extra) | tracer pre-pass (extra) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in result["configs"].values():
+        r = e["ratio"]
+        mem = "–"
+        if "memory" in e:
+            mem = (
+                f"{e['memory']['bare']['peak_mib']:.0f} → {e['memory']['gradprobe']['peak_mib']:.0f} MiB "
+                f"({e['memory_ratio']:.2f}×)"
+            )
+        extra = e.get("extra_ratio", {})
+        lines.append(
+            f"| {e['title']} | {e['median_s']['bare'] * 1e3:.0f} ms | **{r['gradprobe']:.2f}×** | ≤ {e['target']:.2f}× "
+            f"| {r['per_layer']:.2f}× | {e['overhead_vs_per_layer']:.2f} | {mem} "
+            f"| {extra.get('gate_check_s', math.nan):.2f}× | {extra.get('tracer_prepass_s', math.nan):.2f}× |"
+        )
+    lines += [
+        "",
+        "Times are medians of interleaved repetitions, as ratios to the bare pass. *Overhead vs per-layer*: "
+        "(gradprobe − bare) / (per-layer − bare); the target on (b) is ≤ 0.5. The extra passes run only "
+        "when the diagnosis asks for them (a suspiciously small gradient; a non-`keep` initializer).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmark-results", help="directory for benchmark.json and .md")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="default: all")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (medians)")
+    parser.add_argument("--extra-repeats", type=int, default=3, help="repetitions of the extra passes (0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], args.quick, args.threads)
+        return 0
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (out / "benchmark.md").write_text(table)
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -347,29 +347,30 @@ def probe(
     """
     from gradprobe.initializers import InitPlan
 
+    # The options every re-probe (per seed, or with the suggested initializer) passes on.
+    options: dict[str, Any] = dict(
+        init=init,
+        loss=loss,
+        overrides=overrides,
+        output=output,
+        include=include,
+        exclude=exclude,
+        mode=mode,
+        device=device,
+        saturation_derivative=saturation_derivative,
+        diagnose=diagnose,
+        thresholds=thresholds,
+        gate_check=gate_check,
+        gate_steps=gate_steps,
+        gate_lr=gate_lr,
+        histograms=histograms,
+    )
     if seeds != 1:
         if not isinstance(seeds, int) or seeds < 1:
             raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
         from gradprobe.seeds import combine_seeds
 
         batches = normalize_batches(inputs)  # an iterator of batches is read once
-        options = dict(
-            init=init,
-            loss=loss,
-            overrides=overrides,
-            output=output,
-            include=include,
-            exclude=exclude,
-            mode=mode,
-            device=device,
-            saturation_derivative=saturation_derivative,
-            diagnose=diagnose,
-            thresholds=thresholds,
-            gate_check=gate_check,
-            gate_steps=gate_steps,
-            gate_lr=gate_lr,
-            histograms=histograms,
-        )
         combined = combine_seeds(
             [probe(model, Batches(batches), seed=seed + i, **options) for i in range(seeds)]
         )
@@ -409,26 +410,7 @@ def probe(
         report.findings = run_diagnosis(report, **dict(thresholds or {}))
         report.verdict = "unstable" if any(f.severity == "error" for f in report.findings) else "stable"
         if suggest and report.verdict == "unstable":
-            _check_suggestion(
-                report,
-                model,
-                Batches(batches),
-                seed=seed,
-                options=dict(
-                    loss=loss,
-                    output=output,
-                    include=include,
-                    exclude=exclude,
-                    mode=mode,
-                    device=device,
-                    saturation_derivative=saturation_derivative,
-                    thresholds=thresholds,
-                    gate_check=gate_check,
-                    gate_steps=gate_steps,
-                    gate_lr=gate_lr,
-                    histograms=histograms,
-                ),
-            )
+            _check_suggestion(report, model, Batches(batches), seed=seed, options=options)
     return report
 
 

@@ -501,6 +501,21 @@ def fans(module: nn.Module, param_name: str) -> tuple[int, int]:
     return role.fan_in, role.fan_out
 
 
+def weight_fans(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (fan_in, fan_out)}`` for each of ``module``'s own weight parameters that
+    :func:`fans` knows (empty for other module types): one lookup per module, no exceptions, for
+    reports with hundreds of layers."""
+    layout = _layout(module)
+    if layout is None:
+        return {}
+    own = module._parameters
+    return {
+        name: (role.fan_in, role.fan_out)
+        for name, role in layout.items()
+        if role.kind == "weight" and own.get(name) is not None
+    }
+
+
 def _chunks(param: Tensor, count: int) -> tuple[Tensor, ...]:
     """Views of ``param`` split along dim 0 into ``count`` equal blocks (gates, q/k/v)."""
     if param.shape[0] % count:

@@ -547,8 +547,16 @@ def _predict(report: Report, chain: list[ChainElement]) -> tuple[list[Prediction
     anchor_grad = _second_moment(anchor_layer, "grad")
     grads = [math.nan] * len(layers)
     if anchor_grad is not None and anchor > 0:
-        backward = predict_chain(layers[: index[anchor] + 1], source[0], anchor_grad)
-        grads[: len(backward)] = [p.grad_second_moment for p in backward]
+        # The forward run's gradients are products of per-layer factors from the chain's end, so
+        # rescaling them to the anchor equals a second run anchored there (which would compute
+        # every activation's moments again); that run only when the anchor's product is 0 or ∞.
+        at_anchor = forward[index[anchor]].grad_second_moment
+        if 0.0 < at_anchor < math.inf:
+            scale = anchor_grad / at_anchor
+            grads[: index[anchor] + 1] = [p.grad_second_moment * scale for p in forward[: index[anchor] + 1]]
+        else:
+            backward = predict_chain(layers[: index[anchor] + 1], source[0], anchor_grad)
+            grads[: len(backward)] = [p.grad_second_moment for p in backward]
     predictions: list[Prediction | None] = []
     for position, i in enumerate(index):
         p = forward[i]

@@ -786,7 +786,7 @@ class _Session:
     def _layers(
         self, states: dict[str, ModuleState], param_stats: dict[str, list[torch.Tensor]]
     ) -> list[LayerRecord]:
-        from gradprobe.initializers import fans
+        from gradprobe.initializers import weight_fans
 
         ordered = sorted(states.values(), key=lambda s: s.index)
         # One host transfer for everything: flatten every accumulated tensor into one float64 vector.
@@ -797,18 +797,26 @@ class _Session:
                 if not acc.empty:
                     tensors = acc.pack()
                     slots.append((st.name, kind, [t.numel() for t in tensors]))
-                    parts.extend(t.reshape(-1).to(torch.float64) for t in tensors)
+                    parts.extend(t.reshape(-1) for t in tensors)  # cat() below makes them float64
             for t in param_stats.get(st.name, []):
                 slots.append((st.name, "param", [t.numel()]))
                 parts.append(t.reshape(-1))
-        flat = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
+        device = self.device
+        flat = (
+            torch.cat([p if p.device == device else p.to(device) for p in parts])
+            .to(torch.float64)  # already float64 by promotion (the means are); a no-op guard
+            .cpu()
+            .numpy()
+            if parts
+            else np.zeros(0)
+        )
         unpacked: dict[tuple[str, str], list[np.ndarray]] = {}
         pstats: dict[str, list[np.ndarray]] = {}
         pos = 0
         for name, kind, sizes in slots:
             chunks = []
             for n in sizes:
-                chunks.append(flat[pos : pos + n].copy())
+                chunks.append(flat[pos : pos + n])  # views of one fresh array
                 pos += n
             if kind == "param":
                 pstats.setdefault(name, []).append(chunks[0])
@@ -831,14 +839,12 @@ class _Session:
                 )
             params_out: list[ParamRecord] = []
             rows = iter(pstats.get(st.name, []))
+            module_fans = weight_fans(module) if module._parameters else {}
             for pname, p in module._parameters.items():
                 if p is None:
                     continue
                 mean, sq, gsq = (float(v) for v in next(rows))
-                try:
-                    fan_in, fan_out = fans(module, pname)
-                except Exception:
-                    fan_in = fan_out = None
+                fan_in, fan_out = module_fans.get(pname, (None, None))
                 params_out.append(
                     ParamRecord(
                         name=pname,

@@ -13,6 +13,7 @@ layer got no gradient), ``findings[]`` (``code``, ``severity``, ``layers``, ``me
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -66,6 +67,21 @@ def _enc_tree(obj: Any) -> Any:
     return obj
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` (NaN if any value is NaN or there is none), without its dispatch overhead."""
+    n = values.shape[0]
+    if n == 0 or np.isnan(values).any():
+        return math.nan
+    if n == 1:
+        return float(values[0])
+    half = n // 2
+    if n % 2:
+        return float(np.partition(values, half)[half])
+    low, high = np.partition(values, [half - 1, half])[half - 1 : half + 1]
+    with np.errstate(invalid="ignore"):  # -inf and +inf: NaN, as np.median gives
+        return float((low + high) / 2)
+
+
 @dataclass
 class TensorStats:
     """Summary of every tensor one module produced (activation) or received (gradient).
@@ -96,33 +112,36 @@ class TensorStats:
 
     @classmethod
     def from_moments(cls, m: Moments, elements_per_sample: int) -> TensorStats:
+        # ndarray methods rather than np.* wrappers: a report has hundreds of layers
         mean, var = m.global_mean_var()
         unit_var = m.unit_var()
         second = var + mean * mean
         count = m.count
+        units = m.units
         return cls(
             count=count,
             mean=mean,
             var=var,
             rms=math.sqrt(second) if second >= 0 else math.nan,
-            min=float(np.min(m.unit_min)) if m.units else math.nan,
-            max=float(np.max(m.unit_max)) if m.units else math.nan,
+            min=float(m.unit_min.min()) if units else math.nan,
+            max=float(m.unit_max.max()) if units else math.nan,
             zero_fraction=m.zeros / count if count else math.nan,
             nonfinite=m.nonfinite,
-            units=m.units,
-            unit_var_min=float(np.min(unit_var)),
-            unit_var_median=float(np.median(unit_var)),
-            unit_var_max=float(np.max(unit_var)),
-            dead_units=int((m.unit_max <= 0).sum()),
+            units=units,
+            unit_var_min=float(unit_var.min()) if units else math.nan,
+            unit_var_median=_median(unit_var),
+            unit_var_max=float(unit_var.max()) if units else math.nan,
+            dead_units=int(np.count_nonzero(m.unit_max <= 0)),
             saturated_fraction=None if m.saturated is None else m.saturated / count,
             energy=second * elements_per_sample,
             moments=m,
         )
 
-    @property
+    @functools.cached_property
     def signal_var(self) -> float:
         """Mean over units of each unit's own variance: the between-sample signal, without the
-        per-unit offsets (a bias, a constant) that carry no information about the input."""
+        per-unit offsets (a bias, a constant) that carry no information about the input.
+        (Computed once: the diagnosis reads it hundreds of times.)"""
         return float(np.mean(self.moments.unit_var())) if self.units else math.nan
 
     def to_dict(self, include_moments: bool = True) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,8 +105,8 @@ def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: An
 
 
 class Scratch:
-    """Reusable per-device buffers for the statistics: the float64 chunk buffer, a second buffer (the
-    signs for zero counting), and a vector of ones (sums as matrix-vector products).
+    """Reusable per-device buffers for the statistics: the float64 chunk buffer and a second buffer
+    (the signs for zero counting).
 
     It also remembers the summary of the last tensor summarised, so that a tensor recorded twice (an
     ``nn.Identity`` returns its input; two tensor hooks on one output receive one gradient) is read
@@ -119,9 +119,11 @@ class Scratch:
             raise ValueError(f"chunk_elements must be in [1, 2**24), got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
         self._buffers: dict[torch.device, torch.Tensor] = {}
-        self._ones: dict[torch.device, torch.Tensor] = {}
         self._aux: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._memo: tuple[Any, weakref.ref[torch.Tensor], _Summary] | None = None
+        # _Views per (device, dtype, chunk shape): built once per probe, not once per tensor
+        self.views: dict[tuple[torch.device, torch.dtype, torch.Size], _Views] = {}
+        self._minus_one: dict[torch.device, torch.Tensor] = {}
 
     def get(self, device: torch.device, numel: int) -> torch.Tensor:
         """A float64 buffer of ``numel`` elements on ``device`` (contents undefined)."""
@@ -129,6 +131,7 @@ class Scratch:
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, self.chunk_elements), dtype=torch.float64, device=device)
             self._buffers[device] = buf
+            self.views.clear()  # views of the old buffer
         return buf[:numel]
 
     def aux(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -138,20 +141,20 @@ class Scratch:
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, self.chunk_elements), dtype=dtype, device=device)
             self._aux[key] = buf
+            self.views.clear()
         return buf[:numel]
 
-    def ones(self, device: torch.device, numel: int) -> torch.Tensor:
-        """``numel`` float64 ones on ``device`` (sums as matrix-vector products)."""
-        buf = self._ones.get(device)
-        if buf is None or buf.numel() < numel:
-            buf = torch.ones(max(numel, self.chunk_elements), dtype=torch.float64, device=device)
-            self._ones[device] = buf
-        return buf[:numel]
+    def minus_one(self, device: torch.device) -> torch.Tensor:
+        """A shared ``[-1.0]`` on ``device`` (read only): "not counted" in packed statistics."""
+        t = self._minus_one.get(device)
+        if t is None:
+            t = self._minus_one[device] = torch.full((1,), -1.0, dtype=torch.float64, device=device)
+        return t
 
     def clear(self) -> None:
         self._buffers.clear()
-        self._ones.clear()
         self._aux.clear()
+        self.views.clear()
         self._memo = None
 
     def recall(self, x: torch.Tensor, key: Any) -> _Summary | None:
@@ -227,11 +230,15 @@ class Moments:
 
     def global_mean_var(self) -> tuple[float, float]:
         """Mean and population variance over all elements, merged exactly from the per-unit moments."""
-        if self.count == 0:
+        units = self.mean.shape[0]
+        count = self.rows * units
+        if count == 0:
             return math.nan, math.nan
-        mean = float(self.mean.mean())
-        m2 = float(self.m2.sum() + self.rows * np.square(self.mean - mean).sum())
-        return mean, m2 / self.count
+        # ±inf means (a −inf mask's output) give NaN, as they should, without numpy's warnings
+        with np.errstate(invalid="ignore"):
+            mean = float(self.mean.sum()) / units
+            d = self.mean - mean
+            return mean, (float(self.m2.sum()) + self.rows * float(d @ d)) / count
 
     def unit_var(self) -> np.ndarray:
         return self.m2 / self.rows if self.rows else np.full_like(self.m2, math.nan)
@@ -323,8 +330,16 @@ class _Summary:
     m2: torch.Tensor  # (U,) float64
     unit_max: torch.Tensor  # (U,) in the source dtype (exact)
     unit_min: torch.Tensor
-    zeros: torch.Tensor  # 0-d int64
+    # 0-d count of nonzero elements, a floating tensor holding an exact integer (float32 from one
+    # chunk's dot product, < 2^24; float64 once added up). Zeros = rows·units − nonzero, formed on
+    # the host: converting on the device costs four tensor ops per recorded tensor.
+    nonzero: torch.Tensor
     saturated: torch.Tensor | None  # 0-d int64
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """0-d int64 count of zero elements (a device tensor; for tests and merges)."""
+        return (self.rows * self.mean.shape[0] - self.nonzero.to(torch.float64)).to(torch.int64)
 
 
 def _count_saturated(chunk: torch.Tensor, saturation: tuple[float, float]) -> torch.Tensor:
@@ -350,28 +365,27 @@ class _Views:
         k, u, b = shape
         n = k * u * b
         self.buf = scratch.get(device, n).view(k, u, b)
-        # Per-unit sums as matrix-vector products (one read, no temporary). Reductions of (k, u, b)
-        # over dims (0, 2) take a slow strided path in torch on CPU, so with several samples of
-        # several elements per unit the sum goes in two stages: along the rows of b elements first
-        # when rows are long, else over the samples first (a column sum over k rows of u·b values).
+        # Per-unit sums as reductions of 2-D views along one dimension. Reductions of (k, u, b) over
+        # dims (0, 2) take a slow strided path in torch on CPU (5-10x slower for b = 16), so with
+        # several samples of several elements per unit the sum goes in two stages: along the rows of
+        # b elements first when rows are long, else over the samples first (a column sum over k rows
+        # of u·b values). Matrix-vector products with a vector of ones read the same bytes but MKL's
+        # gemv runs on one thread: 1.7x slower than torch.sum at 2 threads.
         self.stages = 0 if k == 1 or b == 1 or u == 1 else 1 if b >= _LONG_ROW else 2
         self.flat = u == 1
         self.fused = b == 1 and u >= _FUSED_MIN_UNITS and device.type in _FUSED_DEVICES
         self.buf2d = self.buf.view(k, u * b)
+        self.shape = (k, u, b)
         if u == 1:
-            self.mat, self.vec = self.buf.view(1, k * b), scratch.ones(device, k * b)
+            self.first, self.dim = self.buf.view(1, k * b), 1
         elif b == 1:
-            self.mat, self.vec = self.buf.view(k, u).t(), scratch.ones(device, k)
+            self.first, self.dim = self.buf.view(k, u), 0
         elif k == 1:
-            self.mat, self.vec = self.buf.view(u, b), scratch.ones(device, b)
-        elif self.stages == 1:  # rows first: (k·u, b) @ 1 → (k, u), then over k
-            self.first, self.first_vec = self.buf.view(k * u, b), scratch.ones(device, b)
-            self.stage = torch.empty(k * u, dtype=torch.float64, device=device)
-            self.mat, self.vec = self.stage.view(k, u).t(), scratch.ones(device, k)
-        else:  # samples first: (k, u·b)ᵀ @ 1 → (u, b), then along b
-            self.first, self.first_vec = self.buf.view(k, u * b).t(), scratch.ones(device, k)
-            self.stage = torch.empty(u * b, dtype=torch.float64, device=device)
-            self.mat, self.vec = self.stage.view(u, b), scratch.ones(device, b)
+            self.first, self.dim = self.buf.view(u, b), 1
+        elif self.stages == 1:  # rows first: (k·u, b) → (k, u), then over k
+            self.first, self.dim = self.buf.view(k * u, b), 1
+        else:  # samples first: (k, u·b) → (u, b), then along b
+            self.first, self.dim = self.buf.view(k, u * b), 0
         # zero counting as Σ sign(x)²: signs of float32/float64 chunks straight from the source
         # (in cache), of half-precision chunks from the float64 copy
         sign_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
@@ -381,9 +395,13 @@ class _Views:
 
     def unit_sum(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-unit sum of the float64 buffer, added into ``out`` when given."""
-        if self.stages:  # the first stage, into the matrix behind `mat`
-            torch.mv(self.first, self.first_vec, out=self.stage)
-        return torch.mv(self.mat, self.vec) if out is None else out.addmv_(self.mat, self.vec)
+        total = self.first.sum(dim=self.dim)
+        k, u, b = self.shape
+        if self.stages == 1:
+            total = total.view(k, u).sum(dim=0)
+        elif self.stages == 2:
+            total = total.view(u, b).sum(dim=1)
+        return total if out is None else out.add_(total)
 
     def extremes(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-unit maximum and minimum of a source chunk."""
@@ -409,7 +427,7 @@ def _chan(
 
 
 def _summarize_chunks(
-    chunks: Iterator[torch.Tensor], scratch: Scratch, saturation: tuple[float, float] | None
+    chunks: Iterable[torch.Tensor], scratch: Scratch, saturation: tuple[float, float] | None
 ) -> _Summary:
     """Summary of a stream of ``(k, u, b)`` chunks that all hold the same ``u`` units.
 
@@ -421,7 +439,7 @@ def _summarize_chunks(
     shift, square and two per-unit sums. About eight tensor ops per chunk; views of the buffers are
     built once per chunk shape.
     """
-    views: dict[torch.Size, _Views] = {}
+    views = scratch.views
     maxima: list[torch.Tensor] = []
     minima: list[torch.Tensor] = []
     nonzero: list[torch.Tensor] = []
@@ -430,9 +448,10 @@ def _summarize_chunks(
     rows = elements = chunk_rows = 0
     for chunk in chunks:
         shape = chunk.shape
-        w = views.get(shape)
+        view_key = (chunk.device, chunk.dtype, shape)
+        w = views.get(view_key)
         if w is None:
-            w = views[shape] = _Views(scratch, chunk.device, chunk.dtype, shape)
+            w = views[view_key] = _Views(scratch, chunk.device, chunk.dtype, shape)
         k, u, b = shape
         rows += k * b
         elements += k * u * b
@@ -474,15 +493,13 @@ def _summarize_chunks(
         else:
             mean = centre.add(s1, alpha=1.0 / rows)
             m2 = s2.sub_(s1.mul_(s1), alpha=1.0 / rows)
-    f64 = torch.float64
-    count = nonzero[0].to(f64) if len(nonzero) == 1 else torch.stack(nonzero).sum(dtype=f64)
     return _Summary(
         rows=rows,
         mean=mean,
         m2=m2,
         unit_max=maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(dim=0),
         unit_min=minima[0] if len(minima) == 1 else torch.stack(minima).amin(dim=0),
-        zeros=count.neg_().add_(elements).to(torch.int64),
+        nonzero=nonzero[0] if len(nonzero) == 1 else torch.stack(nonzero).sum(dtype=torch.float64),
         saturated=None
         if saturation is None
         else saturated[0]
@@ -500,6 +517,8 @@ def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float
     """
     a, u, b = v.shape
     budget = scratch.chunk_elements
+    if a * u * b <= budget:  # the common case: one chunk
+        return _summarize_chunks((v,), scratch, saturation)
     if u * b <= budget:
         step = budget // (u * b)
         return _summarize_chunks((v[a0 : a0 + step] for a0 in range(0, a, step)), scratch, saturation)
@@ -528,7 +547,7 @@ def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float
         m2=torch.cat([s.m2 for s in blocks]),
         unit_max=torch.cat([s.unit_max for s in blocks]),
         unit_min=torch.cat([s.unit_min for s in blocks]),
-        zeros=torch.stack([s.zeros for s in blocks]).sum(),
+        nonzero=torch.stack([s.nonzero.to(torch.float64) for s in blocks]).sum(),
         saturated=None if saturation is None else torch.stack([s.saturated for s in blocks]).sum(),  # type: ignore[misc]
     )
 
@@ -542,7 +561,7 @@ def _merge_summaries(a: _Summary, b: _Summary) -> _Summary:
         m2=m2,
         unit_max=torch.maximum(a.unit_max, b.unit_max),
         unit_min=torch.minimum(a.unit_min, b.unit_min),
-        zeros=a.zeros + b.zeros,
+        nonzero=a.nonzero.to(torch.float64) + b.nonzero.to(torch.float64),
         saturated=None if a.saturated is None or b.saturated is None else a.saturated + b.saturated,
     )
 
@@ -558,7 +577,7 @@ def _collapse(s: _Summary) -> _Summary:
         m2=m2,
         unit_max=s.unit_max.amax().view(1),
         unit_min=s.unit_min.amin().view(1),
-        zeros=s.zeros,
+        nonzero=s.nonzero,
         saturated=s.saturated,
     )
 
@@ -683,30 +702,34 @@ class DeviceMoments:
         return None if s is None else s.zeros
 
     def pack(self) -> list[torch.Tensor]:
-        """The accumulated tensors in a fixed order, as float64, for one batched host transfer."""
+        """The accumulated tensors in a fixed order, for one batched host transfer: mean, M2, max,
+        min, then the nonzero, saturated and non-finite counts (−1: not counted), and the histogram
+        when there is one. Mixed dtypes: ``torch.cat`` promotes them all to float64 (exactly) in the
+        one concatenation before the transfer, so nothing is converted here."""
         s = self._merge()
         assert s is not None
-        f64 = torch.float64
-        minus_one = s.zeros.new_full((), -1)
-        scalars = torch.stack(
-            [
-                s.zeros,
-                self.saturated if self.saturated is not None else minus_one,
-                self.nonfinite if self.nonfinite is not None else minus_one,
-            ]
-        ).to(f64)
-        parts = [s.mean, s.m2, s.unit_max.to(f64), s.unit_min.to(f64), scalars]
+        absent = self._scratch.minus_one(s.mean.device)
+        parts = [
+            s.mean,
+            s.m2,
+            s.unit_max,
+            s.unit_min,
+            s.nonzero.view(1),
+            absent if self.saturated is None else self.saturated.view(1),
+            absent if self.nonfinite is None else self.nonfinite.view(1),
+        ]
         if self.hist is not None:
-            parts.append(self.hist.to(f64))
+            parts.append(self.hist)
         return parts
 
     @staticmethod
     def unpack(parts: list[np.ndarray], rows: int, calls: int) -> Moments:
-        mean, m2, unit_max, unit_min, scalars = parts[:5]
-        hist = parts[5].astype(np.int64) if len(parts) > 5 else None
+        mean, m2, unit_max, unit_min, nonzero, saturated_, nonfinite_ = parts[:7]
+        hist = parts[7].astype(np.int64) if len(parts) > 7 else None
         finite = np.isfinite(mean) & np.isfinite(m2)
         nonfinite_units = int((~finite).sum())
-        zeros, saturated, nonfinite = (int(s) for s in scalars)
+        zeros = rows * mean.shape[0] - int(nonzero[0])
+        saturated, nonfinite = int(saturated_[0]), int(nonfinite_[0])
         if nonfinite < 0:
             nonfinite = 0 if nonfinite_units == 0 else -1
         return Moments(

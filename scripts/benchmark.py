@@ -15,9 +15,12 @@ and reported as a ratio to the bare pass: the **gate check** (``gate_check=True`
 on a private copy of the parameters, then the passes again) and the **tracer pre-pass** (a no-grad
 forward that finds each layer's activation before a non-``keep`` initializer runs).
 
-Peak memory: on CPU the resident-set high-water mark (``ru_maxrss``) of a fresh subprocess per
-configuration and method, which builds the model, runs the method twice and reports; on CUDA
-``torch.cuda.max_memory_allocated`` in process.
+Peak memory: on CPU the resident-set high-water mark (``VmHWM``) of a fresh subprocess per
+configuration and method, which warms up (every method on a tiny model, so that lazily imported
+modules weigh the same everywhere), builds the model, runs the method and reports the peak, then
+runs it again and reports the peak after the second call (glibc's heap can grow on a second call
+when freed blocks are fragmented); also the resident size before the first call, so the increase
+can be compared. On CUDA ``torch.cuda.max_memory_allocated`` in process.
 
 Run ``python scripts/benchmark.py --out DIR`` (``--quick`` for a smoke run with small models). It
 prints a table and writes ``DIR/benchmark.json`` and ``DIR/benchmark.md``. Wall-clock times on a
@@ -161,6 +164,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """First and third quartile (the two ends when there are fewer than 4 values)."""
+    if len(values) < 4:
+        return [min(values), max(values)]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -194,6 +205,47 @@ def _method_time(method: str, call: Callable[[], object]) -> float:
     return spent[0]
 
 
+def breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Seconds (median over ``repeats`` probes) spent in each part of ``probe(gate_check=False)``."""
+    import gradprobe.diagnose as diagnosis
+    import gradprobe.stats as stats
+
+    parts: list[tuple[Any, str, str]] = [
+        (stats, "_summarize", "activation and gradient statistics (hooks)"),
+        (stats, "_sums", "parameter and parameter-gradient sums"),
+        (_Session, "_layers", "one transfer + building the report"),
+        (_Session, "_attach_unit_analysis", "symmetry analysis (gradprobe.diagnose.units)"),
+        (_Session, "_attach_predictions", "mean-field predictions (gradprobe.predict)"),
+        (diagnosis, "diagnose", "diagnosis rules"),
+    ]
+    spent: dict[str, list[float]] = {label: [] for *_, label in parts}
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
+    totals = dict.fromkeys(spent, 0.0)
+
+    def timed(original: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+
+        return wrapper
+
+    for _ in range(repeats):
+        totals.update(dict.fromkeys(spent, 0.0))
+        try:
+            for (owner, name, original), (*_, label) in zip(originals, parts):
+                setattr(owner, name, timed(original, label))
+            probe(model, x, gate_check=False)
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+        for label, value in totals.items():
+            spent[label].append(value)
+    return {label: statistics.median(values) for label, values in spent.items()}
+
+
 def extra_passes(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
     gate = [_method_time("_gate_check", lambda: probe(model, x, gate_check=True)) for _ in range(repeats)]
     tracer = [
@@ -208,22 +260,34 @@ def extra_passes(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, f
 # --------------------------------------------------------------------------------------------
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB: VmRSS (now) or VmHWM (the resident high-water
+    mark of this process image; ``ru_maxrss`` would not do: Linux carries it across ``exec`` from the
+    parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
 def child(name: str, method: str, quick: bool, threads: int | None) -> None:
     """In a fresh process: build, run the method twice, report the RSS high-water mark (KiB)."""
     if threads:
         torch.set_num_threads(threads)
+    # The same warm-up in every child, so that each method's peak carries the same imports (the
+    # diagnosis loads its modules on first use): every method once on a tiny model.
+    tiny, tiny_x = _setup(QUICK["mlp"], torch.device("cpu"))
+    for runner in RUNNERS.values():
+        runner(tiny, tiny_x)
+    del tiny, tiny_x
     config = (QUICK if quick else CONFIGS)[name]
     model, x = _setup(config, torch.device("cpu"))
-    before = _rss_kib()
-    for _ in range(2):
-        RUNNERS[method](model, x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_kib": peak, "before_kib": before}))
+    before = _status_kib("VmRSS")
+    RUNNERS[method](model, x)
+    first = _status_kib("VmHWM")
+    RUNNERS[method](model, x)
+    print(json.dumps({"peak_kib": first, "repeat_peak_kib": _status_kib("VmHWM"), "before_kib": before}))
 
 
 def peak_memory(name: str, method: str, quick: bool, threads: int | None, device: torch.device) -> dict[str, float]:
@@ -242,7 +306,11 @@ def peak_memory(name: str, method: str, quick: bool, threads: int | None, device
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"peak_mib": result["peak_kib"] / 1024, "before_mib": result["before_kib"] / 1024}
+    return {
+        "peak_mib": result["peak_kib"] / 1024,
+        "repeat_peak_mib": result["repeat_peak_kib"] / 1024,
+        "before_mib": result["before_kib"] / 1024,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,27 +343,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times: dict[str, list[float]] = {m: [] for m in METHODS}
         for method in METHODS:  # warm-up: allocator, lazy imports, first-call dispatch
             RUNNERS[method](model, x)
-        for _ in range(args.repeats):
-            for method in METHODS:
+        for repeat in range(args.repeats):
+            # the order rotates, so that no method always runs first (cold caches) or last
+            shift = repeat % len(METHODS)
+            for method in METHODS[shift:] + METHODS[:shift]:
                 times[method].append(_timed(functools.partial(RUNNERS[method], model, x), device))
         med = {m: statistics.median(v) for m, v in times.items()}
+        # This VM's speed drifts by ±15% over seconds (the bare pass alone: 250-410 ms on (a) in
+        # one run), so each repetition's ratio is taken against the bare pass of the same
+        # repetition and the median of those ratios reported, with its quartiles.
+        ratios = {m: [t / b for t, b in zip(times[m], times["bare"])] for m in METHODS}
         entry: dict[str, Any] = {
             "title": config.title,
             "target": config.target,
             "median_s": med,
             "all_s": times,
-            "ratio": {m: med[m] / med["bare"] for m in METHODS},
+            "ratio": {m: statistics.median(r) for m, r in ratios.items()},
+            "ratio_quartiles": {m: _quartiles(r) for m, r in ratios.items()},
         }
-        overhead = med["gradprobe"] - med["bare"]
-        pattern_overhead = med["per_layer"] - med["bare"]
+        overhead = (entry["ratio"]["gradprobe"] - 1.0) * med["bare"]
+        pattern_overhead = (entry["ratio"]["per_layer"] - 1.0) * med["bare"]
         entry["overhead_vs_per_layer"] = overhead / pattern_overhead if pattern_overhead > 0 else math.inf
         if args.extra_repeats:
+            entry["breakdown_s"] = breakdown(model, x, args.extra_repeats)
+            entry["breakdown_ratio"] = {k: v / med["bare"] for k, v in entry["breakdown_s"].items()}
             extra = extra_passes(model, x, args.extra_repeats)
             entry["extra_s"] = extra
             entry["extra_ratio"] = {k: v / med["bare"] for k, v in extra.items()}
         if not args.no_memory:
             entry["memory"] = {m: peak_memory(name, m, args.quick, args.threads, device) for m in METHODS}
-            entry["memory_ratio"] = entry["memory"]["gradprobe"]["peak_mib"] / entry["memory"]["bare"]["peak_mib"]
+            mem = entry["memory"]
+            entry["memory_ratio"] = mem["gradprobe"]["peak_mib"] / mem["bare"]["peak_mib"]
+            grown = {m: mem[m]["peak_mib"] - mem[m]["before_mib"] for m in METHODS}
+            entry["memory_increase_ratio"] = grown["gradprobe"] / grown["bare"] if grown["bare"] > 0 else math.inf
+            if "repeat_peak_mib" in mem["bare"]:
+                entry["memory_repeat_ratio"] = mem["gradprobe"]["repeat_peak_mib"] / mem["bare"]["repeat_peak_mib"]
         result["configs"][name] = entry
         print(_line(name, entry), flush=True)
         del model, x
@@ -320,7 +402,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(f'{v:.1f}' for v in result['load_before'])}, after "
         f"{', '.join(f'{v:.1f}' for v in result['load_after'])}.",
         "",
-        f"| model | bare fwd+bwd | gradprobe | target | per-layer `.item()` | overhead vs per-layer | "
+        f"| model | bare fwd+bwd | gradprobe (quartiles) | target | per-layer `.item()` | overhead vs per-layer | "
         f"{memory_unit} bare → gradprobe | gate check (extra) | tracer pre-pass (extra) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -330,17 +412,34 @@ def markdown(result: dict[str, Any]) -> str:
         if "memory" in e:
             mem = (
                 f"{e['memory']['bare']['peak_mib']:.0f} → {e['memory']['gradprobe']['peak_mib']:.0f} MiB "
-                f"({e['memory_ratio']:.2f}×)"
+                f"({e['memory_ratio']:.2f}×; above the built model {e['memory_increase_ratio']:.2f}×"
+                + (f"; second call {e['memory_repeat_ratio']:.2f}×" if "memory_repeat_ratio" in e else "")
+                + ")"
             )
         extra = e.get("extra_ratio", {})
+        q = e["ratio_quartiles"]["gradprobe"]
         lines.append(
-            f"| {e['title']} | {e['median_s']['bare'] * 1e3:.0f} ms | **{r['gradprobe']:.2f}×** | ≤ {e['target']:.2f}× "
+            f"| {e['title']} | {e['median_s']['bare'] * 1e3:.0f} ms | **{r['gradprobe']:.2f}×** "
+            f"({q[0]:.2f}–{q[1]:.2f}) | ≤ {e['target']:.2f}× "
             f"| {r['per_layer']:.2f}× | {e['overhead_vs_per_layer']:.2f} | {mem} "
             f"| {extra.get('gate_check_s', math.nan):.2f}× | {extra.get('tracer_prepass_s', math.nan):.2f}× |"
         )
+    breakdowns = [e for e in result["configs"].values() if "breakdown_ratio" in e]
+    if breakdowns:
+        labels = list(breakdowns[0]["breakdown_ratio"])
+        lines += ["", "Where gradprobe's time above the bare pass goes (share of the bare pass):", ""]
+        lines += ["| part | " + " | ".join(e["title"].split(",")[0] for e in breakdowns) + " |"]
+        lines += ["|---|" + "---:|" * len(breakdowns)]
+        for label in labels:
+            lines.append(f"| {label} | " + " | ".join(f"{e['breakdown_ratio'][label]:.1%}" for e in breakdowns) + " |")
+        lines.append(
+            "| total above bare | " + " | ".join(f"{e['ratio']['gradprobe'] - 1:.1%}" for e in breakdowns) + " |"
+        )
     lines += [
         "",
-        "Times are medians of interleaved repetitions, as ratios to the bare pass. *Overhead vs per-layer*: "
+        "Ratios are medians over interleaved repetitions (the order of the methods rotates) of each "
+        "repetition's time over the bare pass of the same repetition; quartiles in brackets. "
+        "*Overhead vs per-layer*: "
         "(gradprobe − bare) / (per-layer − bare); the target on (b) is ≤ 0.5. The extra passes run only "
         "when the diagnosis asks for them (a suspiciously small gradient; a non-`keep` initializer).",
     ]
@@ -351,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmark-results", help="directory for benchmark.json and .md")
     parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="default: all")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (medians)")
+    parser.add_argument("--repeats", type=int, default=11, help="interleaved repetitions (medians)")
     parser.add_argument("--extra-repeats", type=int, default=3, help="repetitions of the extra passes (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")

@@ -145,6 +145,40 @@ def test_matches_brute_force_on_small_integer_matrices() -> None:
         assert group_identical_units(*values.unbind(dim=1), seed=trial) == expected
 
 
+def test_matches_brute_force_on_wide_rows_that_agree_on_the_sampled_columns() -> None:
+    # Wide rows (past the pre-filter's threshold) that mostly differ outside the sampled columns:
+    # the pre-filter keeps them all as candidates and the full pass must separate them.
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n = int(torch.randint(2, 200, (1,), generator=generator))
+        d = int(torch.randint(2 * grouping._SAMPLE_COLUMNS + 1, 300, (1,), generator=generator))
+        values = torch.zeros(n, d)
+        varying = torch.randint(0, d, (3,), generator=generator)
+        values[:, varying] = torch.randint(0, 2, (n, 3), generator=generator).float()
+        expected = reference_groups(values)
+        assert group_identical_rows(values, seed=trial) == expected
+        # split into two features of different widths
+        assert group_identical_units(values[:, : d // 3], values[:, d // 3 :].double(), seed=trial) == expected
+
+
+def test_pre_filter_reads_only_sampled_columns_of_distinct_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths: list[list[int]] = []
+    original = grouping._signatures
+
+    def spy(features: list[torch.Tensor], seed: int) -> torch.Tensor:
+        widths.append([f.shape[1] for f in features])
+        return original(features, seed)
+
+    monkeypatch.setattr(grouping, "_signatures", spy)
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(6))
+    assert group_identical_units(weight, torch.zeros(512)) == []
+    assert widths == [[grouping._SAMPLE_COLUMNS, 1]]  # the full 1024 columns were never hashed
+    widths.clear()
+    weight[[3, 300]] = 0.0  # two zero rows: only those two get the full pass
+    assert group_identical_units(weight, torch.zeros(512)) == [[3, 300]]
+    assert widths == [[grouping._SAMPLE_COLUMNS, 1], [1024, 1]]
+
+
 def test_hash_collisions_are_split_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     # every row in one bucket: the exact check alone must separate the classes
     monkeypatch.setattr(grouping, "_signatures", lambda features, seed: torch.zeros(features[0].shape[0], 4))

@@ -744,3 +744,37 @@ def test_plan_is_keep_and_validation():
 def test_module_doctests():
     result = doctest.testmod(gi, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 5 and result.failed == 0
+
+
+def test_weight_fans_agrees_with_fans_on_every_module_type() -> None:
+    from gradprobe.initializers import weight_fans
+
+    modules = [
+        nn.Linear(3, 4),
+        nn.Linear(3, 4, bias=False),
+        nn.Bilinear(2, 3, 4),
+        nn.Conv2d(4, 8, 3, groups=2),
+        nn.ConvTranspose2d(4, 6, 3),
+        nn.LSTM(5, 6, 2, bidirectional=True, proj_size=3),
+        nn.GRU(3, 4),
+        nn.LSTMCell(3, 4),
+        nn.MultiheadAttention(8, 2),
+        nn.MultiheadAttention(8, 2, kdim=3, vdim=5),
+        nn.Embedding(5, 3),
+        nn.LayerNorm(4),
+        nn.BatchNorm2d(3),
+        nn.PReLU(),
+    ]
+    checked = 0
+    for module in modules:
+        found = weight_fans(module)
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            try:
+                expected: tuple[int, int] | None = fans(module, name)
+            except UsageError:
+                expected = None
+            assert found.get(name) == expected, (module, name)
+            checked += expected is not None
+    assert checked >= 20

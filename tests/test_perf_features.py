@@ -21,7 +21,7 @@ from gradprobe.stats import DeviceMoments, Scratch, as_units, square_sum, sum_an
 def _moments(x: torch.Tensor, axis: int | None, chunk: int = stats.CHUNK_ELEMENTS, **kwargs: Any) -> stats.Moments:
     acc = DeviceMoments(Scratch(chunk))
     acc.add(x, axis, **kwargs)
-    return DeviceMoments.unpack([p.numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls)
+    return DeviceMoments.unpack([p.double().numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls)
 
 
 def _check_exact(x: torch.Tensor, axis: int | None, m: stats.Moments) -> None:
@@ -124,7 +124,7 @@ def test_module_called_on_different_unit_counts_becomes_one_exact_unit() -> None
     for t in tensors:
         acc.add(t, 1)
     assert acc.collapsed
-    m = DeviceMoments.unpack([p.numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls)
+    m = DeviceMoments.unpack([p.double().numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls)
     every = torch.cat([t.reshape(-1) for t in tensors]).double()
     assert m.units == 1 and m.count == every.numel() and m.calls == 2
     mean, var = m.global_mean_var()

@@ -13,7 +13,7 @@ def _moments(*tensors: torch.Tensor, axis: int | None) -> Moments:
     acc = DeviceMoments(Scratch())
     for t in tensors:
         acc.add(t, axis)
-    parts = [p.detach().cpu().numpy().astype(np.float64).reshape(-1) for p in acc.pack()]
+    parts = [p.detach().cpu().double().numpy().reshape(-1) for p in acc.pack()]
     return DeviceMoments.unpack(parts, acc.rows, acc.calls)
 
 
@@ -101,7 +101,7 @@ def test_nonfinite_is_flagged_and_counted_when_asked() -> None:
     assert m.nonfinite_units == 2 and m.nonfinite is None  # flagged, not yet counted
     acc = DeviceMoments(Scratch())
     acc.add(x, 1, count_nonfinite=True)
-    parts = [p.numpy().reshape(-1) for p in acc.pack()]
+    parts = [p.double().numpy().reshape(-1) for p in acc.pack()]
     assert DeviceMoments.unpack(parts, acc.rows, acc.calls).nonfinite == 2
     clean = _moments(torch.randn(16, 8), axis=1)
     assert clean.nonfinite == 0 and clean.nonfinite_units == 0
@@ -111,7 +111,7 @@ def test_saturation_count() -> None:
     y = torch.tensor([[0.0, 0.5, 0.96, -0.99], [0.1, -0.2, 0.3, 0.95]])
     acc = DeviceMoments(Scratch())
     acc.add(y, 1, saturation=(0.0, 0.9486832980505138))  # tanh, φ′ < 0.1
-    parts = [p.numpy().reshape(-1) for p in acc.pack()]
+    parts = [p.double().numpy().reshape(-1) for p in acc.pack()]
     assert DeviceMoments.unpack(parts, acc.rows, acc.calls).saturated == 3
 
 
@@ -138,7 +138,7 @@ def test_histogram_bins_match_direct_binning() -> None:
     x = torch.tensor([[0.0, 1e-13, -1e-13, 1.0, -1.0, 0.5, 3e5, -2e-3, float("nan"), 1e20]])
     acc = DeviceMoments(Scratch())
     acc.add(x, None, histogram=True)
-    hist = DeviceMoments.unpack([p.numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls).histogram
+    hist = DeviceMoments.unpack([p.double().numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls).histogram
     assert hist is not None and hist.shape == (HIST_BINS,) and hist.sum() == 9  # NaN not counted
     side = (HIST_BINS - 1) // 2
     assert hist[side] == 3  # exact zero and the two |x| < 1e-12

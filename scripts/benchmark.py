@@ -433,6 +433,13 @@ def markdown(result: dict[str, Any]) -> str:
         for label in labels:
             lines.append(f"| {label} | " + " | ".join(f"{e['breakdown_ratio'][label]:.1%}" for e in breakdowns) + " |")
         lines.append(
+            "| other (hook calls, tensor hooks, parameter swap, setup; by difference) | "
+            + " | ".join(
+                f"{e['ratio']['gradprobe'] - 1 - sum(e['breakdown_ratio'].values()):.1%}" for e in breakdowns
+            )
+            + " |"
+        )
+        lines.append(
             "| total above bare | " + " | ".join(f"{e['ratio']['gradprobe'] - 1:.1%}" for e in breakdowns) + " |"
         )
     lines += [

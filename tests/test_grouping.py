@@ -172,9 +172,12 @@ def test_pre_filter_reads_only_sampled_columns_of_distinct_rows(monkeypatch: pyt
     monkeypatch.setattr(grouping, "_signatures", spy)
     weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(6))
     assert group_identical_units(weight, torch.zeros(512)) == []
-    assert widths == [[grouping._SAMPLE_COLUMNS, 1]]  # the full 1024 columns were never hashed
-    widths.clear()
+    assert widths == []  # no two rows share their first element: nothing was hashed
     weight[[3, 300]] = 0.0  # two zero rows: only those two get the full pass
+    assert group_identical_units(weight, torch.zeros(512)) == [[3, 300]]
+    assert widths == [[grouping._SAMPLE_COLUMNS, 1], [1024, 1]]
+    widths.clear()
+    weight[7, 0] = weight[9, 0] = 0.5  # a shared first element, different after: the sample decides
     assert group_identical_units(weight, torch.zeros(512)) == [[3, 300]]
     assert widths == [[grouping._SAMPLE_COLUMNS, 1], [1024, 1]]
 

@@ -1018,14 +1018,17 @@ def test_unit_layout_of_rnn_attention_and_transposed_conv() -> None:
     sets = unit_features(lstm, dict(lstm.named_parameters()))
     assert [s.label for s in sets] == ["l0", "l1"] and all(s.units == 5 for s in sets)
     w = lstm.weight_ih_l0
-    rows = dict(sets[0].parts)["weight_ih_l0"]
-    assert torch.equal(rows[2], torch.cat([w[2], w[7], w[12], w[17]]))
+
+    def unit_row(parts: list[tuple[str, torch.Tensor]], name: str, unit: int) -> torch.Tensor:
+        # one (units, d) view per gate / q-k-v chunk, read side by side
+        return torch.cat([t[unit] for n, t in parts if n == name])
+
+    assert torch.equal(unit_row(sets[0].parts, "weight_ih_l0", 2), torch.cat([w[2], w[7], w[12], w[17]]))
+    assert all(t._base is not None for _, t in sets[0].parts)  # views, not copies
     mha = nn.MultiheadAttention(6, 2)
     (s,) = unit_features(mha, dict(mha.named_parameters()))
     ipw = mha.in_proj_weight
-    assert s.units == 6 and torch.equal(
-        dict(s.parts)["in_proj_weight"][1], torch.cat([ipw[1], ipw[7], ipw[13]])
-    )
+    assert s.units == 6 and torch.equal(unit_row(s.parts, "in_proj_weight", 1), torch.cat([ipw[1], ipw[7], ipw[13]]))
     convt = nn.ConvTranspose2d(4, 6, 3, groups=2)
     (s,) = unit_features(convt, dict(convt.named_parameters()))
     wt = convt.weight  # (in=4, out/groups=3, 3, 3)

@@ -158,11 +158,11 @@ def _comparable(matrix: torch.Tensor) -> torch.Tensor:
 def _group_identical(features: list[torch.Tensor], *, seed: int) -> list[list[int]]:
     """Core: ``features`` are 2-D floating matrices with the same rows, on one device.
 
-    A pre-filter first hashes the first few columns of each feature: rows that are identical
-    agree there too, so only the rows whose sample signature is shared can be identical. In a
-    randomly initialised matrix no two rows share their sampled values and the full pass is skipped
-    (the cost drops from a read of every weight to a read of ``_SAMPLE_COLUMNS`` columns); when rows
-    do share them (zero or constant init), the full signature is computed for those rows only.
+    Pre-filters narrow the rows first: identical rows share their first element, then their first
+    few columns in every feature, so only rows that share those can be identical. In a randomly
+    initialised matrix almost no two rows share even their first element, and the cost drops from
+    a read of every weight to a read of one column (a cache line per row); when rows do share them
+    (zero or constant init), the full signature is computed for those rows only.
     """
     n = features[0].shape[0]
     if n < 2:
@@ -170,9 +170,16 @@ def _group_identical(features: list[torch.Tensor], *, seed: int) -> list[list[in
     with torch.no_grad():
         rows: torch.Tensor | None = None  # the candidate rows, when the pre-filter narrowed them
         if sum(m.shape[1] for m in features) > 2 * _SAMPLE_COLUMNS:
-            sample = [_sample_columns(m) for m in features]
+            # identical rows share their first element: rows whose first element is unique are out
+            # (+ 0.0 makes −0.0 equal +0.0; NaN equals nothing, so a NaN row is out too)
+            first = features[0][:, 0] + 0.0
+            _, inverse, counts = torch.unique(first, return_inverse=True, return_counts=True)
+            rows = torch.nonzero(counts[inverse] >= 2).flatten()
+            if rows.numel() == 0:
+                return []
+            sample = [_sample_columns(m).index_select(0, rows) for m in features]
             _, bucket, counts = _buckets(_signatures(sample, seed))
-            rows = torch.nonzero(counts[bucket] >= 2).flatten()
+            rows = rows[counts[bucket] >= 2]
             if rows.numel() == 0:
                 return []
             if rows.numel() == n:

@@ -77,10 +77,10 @@ class UnitSet:
     parts: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (param name, (units, d))
 
 
-def _rows_of(name: str, t: torch.Tensor, units: int, chunks: int = 1) -> tuple[str, torch.Tensor]:
-    """Rows of ``t`` for unit j: rows j, units + j, …, (chunks−1)·units + j, concatenated."""
-    t = t.reshape(chunks, units, -1).permute(1, 0, 2).reshape(units, -1)
-    return name, t
+def _rows_of(name: str, t: torch.Tensor, units: int, chunks: int = 1) -> list[tuple[str, torch.Tensor]]:
+    """Rows of ``t`` for unit j: rows j, units + j, …, (chunks−1)·units + j, as one (units, d)
+    view per chunk (gate, q/k/v). Side by side they are the unit's row; views, not a permuted copy."""
+    return [(name, c) for c in t.reshape(chunks, units, -1).unbind(0)]
 
 
 _RNN_PARAM = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
@@ -102,19 +102,19 @@ def unit_features(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> lis
                 continue
             label = f"l{m.group(2)}{m.group(3) or ''}"
             s = sets.setdefault(label, UnitSet(label=label, units=hidden))
-            s.parts.append(_rows_of(name, t, hidden, chunks))
+            s.parts.extend(_rows_of(name, t, hidden, chunks))
         return [sets[k] for k in sorted(sets)]
     if isinstance(module, nn.MultiheadAttention):
         e = module.embed_dim
         s = UnitSet(label="in_proj", units=e)
         if "in_proj_weight" in tensors:
-            s.parts.append(_rows_of("in_proj_weight", tensors["in_proj_weight"], e, 3))
+            s.parts.extend(_rows_of("in_proj_weight", tensors["in_proj_weight"], e, 3))
         else:
             for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 if name in tensors:
                     s.parts.append((name, tensors[name].reshape(e, -1)))
         if "in_proj_bias" in tensors:
-            s.parts.append(_rows_of("in_proj_bias", tensors["in_proj_bias"], e, 3))
+            s.parts.extend(_rows_of("in_proj_bias", tensors["in_proj_bias"], e, 3))
         return [s] if s.parts else []
     weight = tensors.get("weight")
     if weight is None or weight.dim() < 2:
@@ -220,8 +220,13 @@ def _analyse_module(
     if not sets:
         return None
     trainable = {k: g for k, g in gradients.items() if g is not None}
-    grad_tensors = {k: (trainable[k] if k in trainable else torch.zeros_like(t)) for k, t in tensors.items()}
-    grad_sets = {s.label: s for s in unit_features(module, grad_tensors)} if trainable else {}
+    found = [(s, group_rows([t for _, t in s.parts])) for s in sets]
+    # Gradient rows and the next layer's columns (a transposed copy of its weight) are read only
+    # for layers that have identical units: most layers have none.
+    grad_sets: dict[str, UnitSet] = {}
+    if trainable and any(groups for _, groups in found):
+        grad_tensors = {k: (trainable[k] if k in trainable else torch.zeros_like(t)) for k, t in tensors.items()}
+        grad_sets = {s.label: s for s in unit_features(module, grad_tensors)}
     dtype = next(iter(tensors.values())).dtype
     rtol = gradient_rtol(dtype)
     units = distinct = n_groups = 0
@@ -230,14 +235,13 @@ def _analyse_module(
     zero_total = _counter()
     outgoing_counts = {kind: _counter() for kind in ("identical", "distinct", "unknown")}
     examples: list[dict[str, Any]] = []
-    for s in sets:
-        groups = group_rows([t for _, t in s.parts])
+    for s, groups in found:
         units += s.units
         distinct += s.units - sum(len(g) - 1 for g in groups)
         n_groups += len(groups)
         gset = grad_sets.get(s.label)
         columns = grad_columns = None
-        if next_module is not None and len(sets) == 1:
+        if groups and next_module is not None and len(sets) == 1:
             following, weights, following_grads = next_module
             columns = _input_columns(following, weights, s.units)
             present = {k: g for k, g in following_grads.items() if g is not None}

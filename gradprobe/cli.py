@@ -113,6 +113,26 @@ def _add_model_options(p: argparse.ArgumentParser, *, init: bool = True) -> None
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _add_seeds_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="repeat over N initializations (seeds SEED..SEED+N-1): gains as mean and spread, "
+        "errors by majority (default 1)",
+    )
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write the report as JSON (the core report schema)")
@@ -135,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Probe MODEL under an initializer: per-layer table, findings, suggestions. Exit 0 when it ran.")  # fmt: skip
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     _add_model_options(p)
+    _add_seeds_option(p)
     _add_report_options(p)
     p.add_argument("--csv", metavar="PATH", help="write one CSV row per layer")
     p.add_argument("--max-rows", type=int, metavar="N", help="elide the middle of tables longer than N rows")
@@ -150,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated initializers, e.g. xavier_normal,kaiming_normal",
     )
     _add_model_options(c, init=False)
+    _add_seeds_option(c)
     _add_report_options(c)
     _add_debug(c)
 
@@ -243,6 +265,8 @@ def _probe_options(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.output_selector is not None:
         sel = ns.output_selector
         options["output"] = int(sel) if sel.lstrip("-").isdigit() else sel
+    if getattr(ns, "seeds", None):
+        options["seeds"] = ns.seeds
     return options
 
 

@@ -333,3 +333,18 @@ def test_pickle_is_never_loaded_even_with_other_options(tmp_path: Path) -> None:
     assert main(["probe", str(path), "--input", "8x64", "--init", "kaiming_normal"]) == 2
     assert main(["check", str(path), "--input", "8x64"]) == 2
     assert not marker.exists()
+
+
+def test_seeds_option_repeats_over_initializations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["probe", f"{MODELS}:unstable", "--input", "64x64", "--init", "xavier_normal", "--seeds", "3"]
+    assert main([*argv, "--width", "120", "--json", str(tmp_path / "s.json")]) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["meta"]["seeds"] == [0, 1, 2] and len(data["meta"]["seed_verdicts"]) == 3
+    assert any("seeds" in layer["extra"] for layer in data["layers"])
+    capsys.readouterr()
+    assert main(["compare", f"{MODELS}:unstable", "--input", "64x64", "--inits", "xavier_normal,kaiming_normal", "--seeds", "2", "--json", str(tmp_path / "c.json")]) == 0
+    capsys.readouterr()
+    for bad in ("0", "two"):
+        assert main([*argv[:-1], bad]) == 2
+        err = capsys.readouterr().err
+        assert "--seeds" in err and "whole number >= 1" in err and "Traceback" not in err

@@ -724,7 +724,8 @@ class Default(Initializer):
     """Re-run each module's own ``reset_parameters()`` (PyTorch's default init for that layer).
 
     ``reset_parameters`` draws from the *global* torch RNG, not from ``generator``: the caller seeds
-    it (the probe calls ``torch.manual_seed(seed)`` first and restores the global state afterwards).
+    it (the probe seeds it from its own seed first, see gradprobe.rng, and restores the global state
+    afterwards).
     MultiheadAttention has only the private ``_reset_parameters``, which is called instead; it also
     zeroes its child ``out_proj.bias``, which ``out_proj``'s own ``reset_parameters`` redraws when
     that module is visited. Returns False for a module without own parameters or without such a

@@ -554,6 +554,7 @@ def _predict(report: Report, chain: list[ChainElement]) -> tuple[list[Prediction
         if 0.0 < at_anchor < math.inf:
             scale = anchor_grad / at_anchor
             grads[: index[anchor] + 1] = [p.grad_second_moment * scale for p in forward[: index[anchor] + 1]]
+            grads[index[anchor]] = anchor_grad  # exactly the measurement it is anchored to
         else:
             backward = predict_chain(layers[: index[anchor] + 1], source[0], anchor_grad)
             grads[: len(backward)] = [p.grad_second_moment for p in backward]

@@ -42,6 +42,7 @@ from gradprobe.hooks import (
     select_output,
 )
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
+from gradprobe.rng import stream_seed
 from gradprobe.stats import DeviceMoments, square_sum, sum_and_square_sum
 
 __all__ = ["probe", "ProbeConfig", "LOSSES", "Batch", "Inputs"]
@@ -493,8 +494,11 @@ class _Session:
                 if any(p is not None for p in module._parameters.values()):
                     self.init_desc[name or "model"] = "keep"
             return kept
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        torch.manual_seed(self.cfg.seed)  # `default` uses each module's reset_parameters and the global RNG
+        # streams derived from the seed, never the seed itself (gradprobe.rng: no clash with inputs
+        # the user drew from a generator seeded with the same number)
+        generator = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "init"))
+        # `default` uses each module's reset_parameters and the global RNG
+        torch.manual_seed(stream_seed(self.cfg.seed, "default-init"))
         from gradprobe.theory import activation_gain
 
         with swapped(self.model, params, buffers):
@@ -540,6 +544,10 @@ class _Session:
         def forward() -> Any:
             with torch.no_grad():
                 return self._forward(None, batch)
+
+        # the dropout stream the passes will use, so that a data-dependent initializer replaying its
+        # first RNG state (LSUV) calibrates on the very masks the probe then measures
+        torch.manual_seed(stream_seed(self.cfg.seed, "dropout"))
 
         for initializer, modules in groups.values():
             initializer.init_with_data_(self.model, modules, forward)
@@ -663,8 +671,8 @@ class _Session:
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         first = [torch.zeros_like(q) for q in trainable]
         second = [torch.zeros_like(q) for q in trainable]
-        loss_gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        torch.manual_seed(self.cfg.seed)
+        loss_gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "gate-loss"))
+        torch.manual_seed(stream_seed(self.cfg.seed, "dropout"))
         step_buffers = {k: v.clone() for k, v in buffers.items()}
         with swapped(self.model, steps, step_buffers):
             for i in range(self.cfg.gate_steps):
@@ -709,8 +717,8 @@ class _Session:
         *,
         exact_nonfinite: bool,
     ) -> tuple[dict[str, ModuleState], dict[str, list[torch.Tensor]], dict[int, torch.Tensor]]:
-        torch.manual_seed(self.cfg.seed)  # dropout: the same masks every time
-        loss_gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        torch.manual_seed(stream_seed(self.cfg.seed, "dropout"))  # dropout: the same masks every time
+        loss_gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "loss"))
         run_buffers = {k: v.clone() for k, v in buffers.items()}
         trainable: list[nn.Parameter] = []
         seen: set[int] = set()

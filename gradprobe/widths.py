@@ -295,10 +295,12 @@ def _train(
 
     args, kwargs = normalize_batches(inputs)[0]
     optim = _optimizer(optimizer, model, value, lr)
-    generator = torch.Generator().manual_seed(seed + 3)
+    from gradprobe.rng import stream_seed
+
+    generator = torch.Generator().manual_seed(stream_seed(seed, "widths-target"))
     target = None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(stream_seed(seed, "dropout"))
         model.train()
         for _ in range(steps):
             out = select_output(model(*args, **kwargs), output)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradprobe.errors import UsageError
+from gradprobe.rng import stream_seed
 
 __all__ = [
     "ACTIVATIONS",
@@ -833,8 +834,8 @@ def example(name: str, *, batch: int = 8, seed: int = 0) -> tuple[nn.Module, Any
     """Build catalogue entry ``name`` with its default arguments and an input batch for it.
 
     The model is built under ``torch.manual_seed(seed)`` inside ``fork_rng`` (the caller's global RNG
-    is untouched) and the inputs come from a ``torch.Generator`` seeded with ``seed``, so the same
-    call always returns the same weights and inputs.
+    is untouched) and the inputs come from a ``torch.Generator`` seeded from ``seed``
+    (:func:`gradprobe.rng.stream_seed`), so the same call always returns the same weights and inputs.
     """
     try:
         entry = CATALOG[name]
@@ -843,5 +844,7 @@ def example(name: str, *, batch: int = 8, seed: int = 0) -> tuple[nn.Module, Any
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = entry.build()
-    inputs = entry.make_inputs(batch, torch.Generator().manual_seed(seed))
+    # the inputs from a stream of their own: a generator seeded with `seed` itself would repeat the
+    # numbers the weights were just built from (torch.manual_seed(seed) is the same stream)
+    inputs = entry.make_inputs(batch, torch.Generator().manual_seed(stream_seed(seed, "zoo-inputs")))
     return model, inputs

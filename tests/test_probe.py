@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gradprobe
+from gradprobe.rng import stream_seed
 from gradprobe.errors import ProbeError, UsageError
 from gradprobe.report import Report
 from gradprobe.stats import as_units
@@ -82,7 +83,7 @@ def direct_capture(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[di
     try:
         xin = x.detach().requires_grad_(True)
         y = model(xin)
-        v = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+        v = torch.randn(y.shape, generator=torch.Generator().manual_seed(stream_seed(seed, "loss")))
         loss = (y * v).sum() / math.sqrt(y.numel() // y.shape[0])
         params = [p for p in model.parameters()]
         pgrads = torch.autograd.grad(loss, params + [xin])
@@ -556,3 +557,36 @@ def test_bad_input_is_one_clear_error() -> None:
         gradprobe.probe(Detaching(), torch.randn(2, 4), diagnose=False)
     with pytest.raises(ProbeError, match="no floating-point tensor"):
         gradprobe.probe(nn.Flatten(), torch.randint(0, 3, (2, 4)), diagnose=False)
+
+
+def test_initial_weights_are_not_the_inputs_drawn_from_the_same_seed() -> None:
+    """Inputs from torch.Generator().manual_seed(0) and probe(seed=0): the probe's streams are
+    derived from the seed (gradprobe.rng), so the first weight is not a scaled copy of the batch
+    (it was, row for row, when the initializer's generator was seeded with the seed itself)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        seen.setdefault("weight", module.weight.detach().clone())
+
+    handle = model[0].register_forward_hook(capture)
+    try:
+        report = gradprobe.probe(model, x, init="kaiming_normal", seed=0, diagnose=False)
+    finally:
+        handle.remove()
+    w = seen["weight"]
+    corr = torch.corrcoef(torch.stack([w.flatten(), x[:64].flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.05
+    # and the first layer's output variance is what the theory says for independent weights,
+    # fan_in·Var[w]·E[x²] = 2 (it was 2.46 with the clash)
+    assert report["0"].act.var == pytest.approx(2.0, rel=0.1)  # type: ignore[union-attr]
+    assert stream_seed(0, "init") != stream_seed(0, "loss")
+
+
+def test_rng_docstring_examples() -> None:
+    import doctest
+
+    import gradprobe.rng
+
+    assert doctest.testmod(gradprobe.rng).failed == 0

@@ -275,7 +275,9 @@ def load_target(
     base: Any = None,
 ) -> tuple[Any, Any]:
     """Load MODEL (any form of :func:`gradprobe.loading.load_model`) and its inputs: built from the
-    SPECs in ``inputs`` when given, else the example inputs the model came with. ``dtype`` (a torch
+    SPECs in ``inputs`` when given, else the example inputs the model came with. The model is built
+    with the global RNG seeded from ``seed`` (restored afterwards), so a factory that does not seed
+    itself gives the same weights for the same seed. ``dtype`` (a torch
     dtype or its name) casts the model and the floating inputs. Returns ``(LoadedModel, inputs)``
     ready for :func:`probe_loaded`."""
     from gradprobe.loading import as_probe_inputs, cast_inputs, dtype_from_name, load_model, make_inputs
@@ -286,7 +288,15 @@ def load_target(
     from gradprobe.loading import parse_input_spec
 
     parsed = [parse_input_spec(s) for s in specs]  # a malformed SPEC fails before the model loads
-    loaded = load_model(model, args=args, trust_pickle=trust_pickle, base=base)
+    import torch
+
+    from gradprobe.rng import stream_seed
+
+    # A factory that draws from the global RNG without seeding it (an nn.Parameter made with
+    # torch.randn) builds the same model for the same seed; the caller's RNG state comes back.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, "build"))
+        loaded = load_model(model, args=args, trust_pickle=trust_pickle, base=base)
     if dtype is not None:
         loaded.module.to(dtype)
     if parsed:

@@ -100,7 +100,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, init: bool = True) -> None
         "--override", dest="overrides", action="append", default=[], metavar="GLOB=INIT",
         help="initializer for modules matching a name glob, e.g. head=zeros",
     )  # fmt: skip
-    o.add_argument("--seed", type=int, help="seeds inputs, initializer and loss (default 0)")
+    o.add_argument("--seed", type=int, help="seeds the model build, inputs, initializer and loss (default 0)")
     o.add_argument(
         "--loss", choices=("randn", "mse", "ce"), help="how the backward pass is seeded (default randn)"
     )

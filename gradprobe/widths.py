@@ -233,8 +233,12 @@ def _build(factory: Callable[..., Any], param: str, value: int, seed: int) -> tu
     import torch
     from torch import nn
 
+    from gradprobe.rng import stream_seed
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # a stream of its own: built under manual_seed(seed) itself, the weights would repeat the
+        # numbers of inputs drawn from torch.Generator().manual_seed(seed) (the CLI's --input)
+        torch.manual_seed(stream_seed(seed, "widths-build"))
         made = factory(**{param: value})
     example = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
@@ -354,8 +358,9 @@ def width_sweep(
     flag layers whose activation scale changes with width.
 
     Args:
-        factory: called as ``factory(**{param: value})`` under ``torch.manual_seed(seed)`` (the
-            caller's RNG is left alone); returns a module or ``(module, example_inputs)``.
+        factory: called as ``factory(**{param: value})`` with the global RNG seeded from ``seed``
+            (:func:`gradprobe.rng.stream_seed`; the caller's RNG is left alone); returns a module
+            or ``(module, example_inputs)``.
         inputs_for_width: a callable ``value -> inputs``, fixed inputs for every width, or None to
             use the factory's example inputs. Any form :func:`gradprobe.probe` accepts.
         param, values: the factory keyword that sets the width and the widths (at least two; four

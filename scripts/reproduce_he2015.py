@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     start = time.perf_counter()
-    # Inputs from their own generator: the probe's initializer draws from one seeded with `seed`.
+    # Inputs from their own generator (the probe's streams are derived from `seed`: gradprobe.rng).
     x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(10_000 + args.seed))
     results: dict[tuple[int, str], dict[str, list[float]]] = {}
     verdicts: dict[tuple[int, str], str | None] = {}

@@ -348,3 +348,22 @@ def test_seeds_option_repeats_over_initializations(tmp_path: Path, capsys: pytes
         assert main([*argv[:-1], bad]) == 2
         err = capsys.readouterr().err
         assert "--seeds" in err and "whole number >= 1" in err and "Traceback" not in err
+
+
+def test_a_factory_that_draws_from_the_global_rng_builds_the_same_model_for_the_same_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gradprobe.zoo:transformer makes its position embedding with torch.randn and no seed of its
+    own: the CLI builds it with the global RNG seeded from --seed, so two runs agree, another seed
+    differs, and the caller's global RNG state is unchanged."""
+    import torch
+
+    argv = ["probe", "gradprobe.zoo:transformer", "--arg", "depth=1", "--input", "int:4x16:vocab=100"]
+    state = torch.get_rng_state()
+    layers = []
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        assert main([*argv, "--seed", str(seed), "--json", str(tmp_path / f"{name}.json")]) == 0
+        layers.append(json.loads((tmp_path / f"{name}.json").read_text())["layers"])
+    capsys.readouterr()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert layers[0] == layers[1] and layers[0] != layers[2]

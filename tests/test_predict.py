@@ -8,9 +8,8 @@ them: each ReLU layer multiplies the pooled second moment by a random factor of 
 ≈ √(2.5/n) once the batch has collapsed onto a few directions (REFERENCE #6; measured here at width
 512: ±20% after 8 layers). The ReLU check therefore runs at width 1024, 4 hidden layers, and
 compares the geometric mean over 3 seeds (spread ≈ 4%), each seed within 25%; tanh is nearly
-deterministic (≤ 4% at width 512, 8 layers) and takes one seed. Inputs come from a generator seeded
-apart from the probe's seed: the same seed would make the first weight matrix a multiple of the
-input batch (both draw the same normal stream).
+deterministic (≤ 4% at width 512, 8 layers) and takes one seed. Inputs come from a generator of
+their own (the probe's streams are derived from its seed, gradprobe.rng, so any input seed would do).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import gradprobe
-from gradprobe.rng import stream_seed
 from gradprobe.errors import ProbeError, UsageError
 from gradprobe.report import Report
+from gradprobe.rng import stream_seed
 from gradprobe.stats import as_units
 
 # --------------------------------------------------------------------------------------------

@@ -490,15 +490,13 @@ def fans(module: nn.Module, param_name: str) -> tuple[int, int]:
     layout = _layout(module)
     if layout is None:
         raise UsageError(f"no fan rule for module type {type(module).__name__}")
-    own = {name for name, _ in module.named_parameters(recurse=False)}
-    weights = [name for name, role in layout.items() if role.kind == "weight" and name in own]
-    role = layout.get(param_name) if param_name in own else None
-    if role is None or role.kind != "weight":
+    found = _weight_fans(module, layout)
+    if param_name not in found:
         raise UsageError(
             f"no fans for parameter {param_name!r} of {type(module).__name__}; "
-            f"valid: {', '.join(weights) or '(none: this module has no weight parameters)'}"
+            f"valid: {', '.join(found) or '(none: this module has no weight parameters)'}"
         )
-    return role.fan_in, role.fan_out
+    return found[param_name]
 
 
 def weight_fans(module: nn.Module) -> dict[str, tuple[int, int]]:
@@ -506,8 +504,10 @@ def weight_fans(module: nn.Module) -> dict[str, tuple[int, int]]:
     :func:`fans` knows (empty for other module types): one lookup per module, no exceptions, for
     reports with hundreds of layers."""
     layout = _layout(module)
-    if layout is None:
-        return {}
+    return {} if layout is None else _weight_fans(module, layout)
+
+
+def _weight_fans(module: nn.Module, layout: _Layout) -> dict[str, tuple[int, int]]:
     own = module._parameters
     return {
         name: (role.fan_in, role.fan_out)

@@ -445,7 +445,7 @@ def _summarize_chunks(
     nonzero: list[torch.Tensor] = []
     saturated: list[torch.Tensor] = []
     centre = centre_view = s1 = s2 = chunk_mean = chunk_m2 = None
-    rows = elements = chunk_rows = 0
+    rows = chunk_rows = 0
     for chunk in chunks:
         shape = chunk.shape
         view_key = (chunk.device, chunk.dtype, shape)
@@ -454,7 +454,6 @@ def _summarize_chunks(
             w = views[view_key] = _Views(scratch, chunk.device, chunk.dtype, shape)
         k, u, b = shape
         rows += k * b
-        elements += k * u * b
         buf = w.buf
         buf.copy_(chunk)
         hi, lo = w.extremes(chunk)

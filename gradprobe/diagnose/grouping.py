@@ -13,9 +13,9 @@ groups exactly and in O(n·d):
    order of summation. Two distinct rows collide in one direction with probability ≤ 2⁻ᵐ (``m`` the
    bits of each direction entry), and ``k`` is chosen so that ``k·m ≥ 40``.
 2. **Buckets.** The (n, k) signatures are folded into one float64 key per row and ``torch.unique``
-   of the keys gives the candidate buckets. A pre-filter runs steps 1-2 on the first few columns
-   first, so that a matrix with no two rows alike there (any random init) costs a read of those
-   columns only.
+   of the keys gives the candidate buckets. Two pre-filters run first on wide rows: rows whose first
+   element no other row shares are out, then steps 1-2 on the first few columns of the rest, so a
+   matrix with no two rows alike there (any random init) costs a read of one column.
 3. **Exact check.** Every candidate row is compared with the first row of its bucket in one
    vectorised pass over all buckets. Rows that differ (hash collisions) go round again with the next
    first row of their bucket; rows containing NaN are dropped, since NaN equals nothing, not even a

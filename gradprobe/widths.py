@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from gradprobe.errors import UsageError
+from gradprobe.rng import stream_seed
 
 if TYPE_CHECKING:  # torch loads inside the functions: `gradprobe --help` must stay light
     import torch
@@ -233,8 +234,6 @@ def _build(factory: Callable[..., Any], param: str, value: int, seed: int) -> tu
     import torch
     from torch import nn
 
-    from gradprobe.rng import stream_seed
-
     with torch.random.fork_rng(devices=[]):
         # a stream of its own: built under manual_seed(seed) itself, the weights would repeat the
         # numbers of inputs drawn from torch.Generator().manual_seed(seed) (the CLI's --input)
@@ -299,8 +298,6 @@ def _train(
 
     args, kwargs = normalize_batches(inputs)[0]
     optim = _optimizer(optimizer, model, value, lr)
-    from gradprobe.rng import stream_seed
-
     generator = torch.Generator().manual_seed(stream_seed(seed, "widths-target"))
     target = None
     with torch.random.fork_rng(devices=[]):

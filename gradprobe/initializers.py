@@ -56,6 +56,7 @@ __all__ = [
     "lecun_normal_",
     "orthogonal_",
     "sparse_",
+    "set_norm_scale_",
     # layer semantics
     "fans",
     # initializers and the registry
@@ -516,6 +517,18 @@ def _weight_fans(module: nn.Module, layout: _Layout) -> dict[str, tuple[int, int
     }
 
 
+def set_norm_scale_(module: nn.Module, scale: float) -> bool:
+    """Set a normalization layer's per-channel scale (its ``weight``) to ``scale`` in place; return
+    whether ``module`` is one with a scale (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm
+    with ``elementwise_affine``/``affine``)."""
+    weight = module._parameters.get("weight") if isinstance(module, _NORMS) else None
+    if weight is None:
+        return False
+    with torch.no_grad():
+        constant_(weight, scale)
+    return True
+
+
 def _chunks(param: Tensor, count: int) -> tuple[Tensor, ...]:
     """Views of ``param`` split along dim 0 into ``count`` equal blocks (gates, q/k/v)."""
     if param.shape[0] % count:
@@ -597,7 +610,9 @@ class Initializer:
     * the ``padding_idx`` row of an embedding stays 0;
     * normalization layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm) get weight 1
       and bias 0 under every initializer: their weight is a per-channel scale that starts at the
-      identity, not a weight matrix with fans;
+      identity, not a weight matrix with fans. When an override names the layer, the probe then
+      sets that scale with :func:`set_norm_scale_` to the rule's :meth:`norm_scale`, where it has
+      one: ``zeros`` gives weight 0 (the zero-γ residual recipe), ``constant:value=v`` weight v;
     * a module with a parameter the rules do not know (a custom module, a subclass with an extra
       parameter, weight-norm's ``weight_g``/``weight_v``, a lazy module not yet materialised) is
       left exactly as built and :meth:`init_module_` returns False, so the caller can report it.
@@ -643,6 +658,11 @@ class Initializer:
     ) -> Tensor:
         """Initialise one weight (or one chunk of a packed weight) in place and return it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement init_weight_")
+
+    def norm_scale(self) -> float | None:
+        """The scale a normalization layer gets when an override names it with this rule, or None
+        (the identity scale 1). Only rules whose meaning carries over to a per-channel scale have one."""
+        return None
 
     @property
     def uses_caller_gain(self) -> bool:
@@ -763,6 +783,9 @@ class Zeros(Initializer):
     ) -> Tensor:
         return zeros_(weight)
 
+    def norm_scale(self) -> float | None:
+        return 0.0
+
 
 @register_initializer
 @dataclass(frozen=True)
@@ -786,6 +809,9 @@ class Constant(Initializer):
         self, weight: Tensor, fan_in: int, fan_out: int, *, gain: float, generator: torch.Generator
     ) -> Tensor:
         return constant_(weight, self.value)
+
+    def norm_scale(self) -> float | None:
+        return self.value
 
 
 @register_initializer
@@ -1112,10 +1138,15 @@ class InitPlan:
 
     def for_module(self, name: str) -> Initializer:
         """The initializer for the module with qualified name ``name`` (first matching glob wins)."""
+        return self.match(name)[0]
+
+    def match(self, name: str) -> tuple[Initializer, bool]:
+        """``(initializer, explicit)``: the module's initializer, and whether an override glob chose
+        it (rather than the default)."""
         for glob, initializer in self.overrides:
             if fnmatch.fnmatchcase(name, glob):
-                return initializer
-        return self.default
+                return initializer, True
+        return self.default, False
 
     @property
     def is_keep(self) -> bool:

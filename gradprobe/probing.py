@@ -499,6 +499,7 @@ class _Session:
         generator = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "init"))
         # `default` uses each module's reset_parameters and the global RNG
         torch.manual_seed(stream_seed(self.cfg.seed, "default-init"))
+        from gradprobe.initializers import set_norm_scale_
         from gradprobe.theory import activation_gain
 
         with swapped(self.model, params, buffers):
@@ -506,12 +507,17 @@ class _Session:
                 name = raw or "model"
                 if not any(p is not None for p in module._parameters.values()):
                     continue
-                initializer = self.plan.for_module(name)
+                initializer, explicit = self.plan.match(name)
                 act = self.activations.get(name)
                 gain = activation_gain(act[0], act[1]) if act is not None else 1.0
                 self.gains[name] = gain
                 try:
                     handled = initializer.init_module_(module, gain=gain, generator=generator)
+                    # an override that names a normalization layer sets its scale (zeros: the
+                    # zero-γ recipe); the default init leaves norms at the identity
+                    scale = initializer.norm_scale() if explicit and handled else None
+                    if scale is not None:
+                        set_norm_scale_(module, scale)
                 except GradprobeError:
                     raise
                 except Exception as e:  # an initializer that cannot handle this shape

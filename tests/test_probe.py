@@ -590,3 +590,24 @@ def test_rng_docstring_examples() -> None:
     import gradprobe.rng
 
     assert doctest.testmod(gradprobe.rng).failed == 0
+
+
+def test_an_override_that_names_a_norm_layer_sets_its_scale() -> None:
+    """zeros on a named BatchNorm is the zero-γ residual recipe (γ = 0); constant:value=v gives γ = v;
+    the default init (and any rule without a scale) leaves norms at the identity, as before."""
+    from gradprobe import zoo
+
+    model, x = zoo.example("resnet_style", batch=8, seed=0)
+    before = snapshot(model)
+    report = gradprobe.probe(
+        model, x, init="kaiming_normal", overrides={"*.bn2": "zeros", "bn1": "constant:value=0.5"}, diagnose=False
+    )
+    assert_untouched(model, before)
+    bn2 = [layer for layer in report.layers if layer.name.endswith(".bn2")]
+    assert bn2 and all(layer.param("weight").rms == 0.0 for layer in bn2)
+    assert all(layer.act.var == 0.0 for layer in bn2)  # type: ignore[union-attr]
+    assert report["bn1"].param("weight").mean == 0.5 and report["bn1"].param("weight").var == 0.0
+    others = [x for x in report.layers if x.type == "BatchNorm2d" and not x.name.endswith(".bn2") and x.name != "bn1"]
+    assert others and all(x.param("weight").mean == 1.0 for x in others)
+    plain = gradprobe.probe(model, x, init="zeros", overrides={"*.bn2": "kaiming_normal"}, diagnose=False)
+    assert all(x.param("weight").mean == 1.0 for x in plain.layers if x.type == "BatchNorm2d")

@@ -778,3 +778,15 @@ def test_weight_fans_agrees_with_fans_on_every_module_type() -> None:
             assert found.get(name) == expected, (module, name)
             checked += expected is not None
     assert checked >= 20
+
+
+def test_set_norm_scale_touches_only_normalization_scales() -> None:
+    from gradprobe.initializers import set_norm_scale_
+
+    ln = nn.LayerNorm(4)
+    assert set_norm_scale_(ln, 0.25) and torch.equal(ln.weight, torch.full((4,), 0.25))
+    assert torch.equal(ln.bias, torch.zeros(4))  # the shift is not a scale
+    assert not set_norm_scale_(nn.LayerNorm(4, elementwise_affine=False), 0.0)
+    linear = nn.Linear(3, 3)
+    before = linear.weight.detach().clone()
+    assert not set_norm_scale_(linear, 0.0) and torch.equal(linear.weight, before)

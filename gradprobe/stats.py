@@ -37,6 +37,7 @@ formula when read. A tensor recorded twice (an ``nn.Identity``'s output) is read
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +46,21 @@ from typing import Any
 import numpy as np
 import torch
 
+try:  # the optional one-read C kernel (gradprobe/_kernel.c), built at install when a compiler exists
+    from gradprobe import _kernel as _kernel_module
+except ImportError:  # pragma: no cover - depends on the install
+    _kernel_module = None
+
+# The kernel in use, or None: the pure-PyTorch path. GRADPROBE_KERNEL=0 switches it off (both paths
+# give the same statistics; tests run both).
+KERNEL: Any = None if os.environ.get("GRADPROBE_KERNEL", "1") == "0" else _kernel_module
+# Elements per tile of the kernel: two passes over a tile stay in a core's L2 (measured: 16-64 Ki
+# alike here, docs/performance.md).
+KERNEL_TILE = 1 << 15
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+
 __all__ = [
+    "KERNEL",
     "CHUNK_ELEMENTS",
     "HIST_EDGES",
     "DeviceMoments",
@@ -334,7 +349,7 @@ class _Summary:
     # chunk's dot product, < 2^24; float64 once added up). Zeros = rows·units − nonzero, formed on
     # the host: converting on the device costs four tensor ops per recorded tensor.
     nonzero: torch.Tensor
-    saturated: torch.Tensor | None  # 0-d int64
+    saturated: torch.Tensor | None  # 0-d count (int64; float64 holding an exact integer from the kernel)
 
     @property
     def zeros(self) -> torch.Tensor:
@@ -515,6 +530,8 @@ def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float
     unit's sample longer than the budget (volumes, long signals) is cut along its elements.
     """
     a, u, b = v.shape
+    if KERNEL is not None and _kernel_can_read(v):
+        return _summarize_kernel(v, scratch, saturation)
     budget = scratch.chunk_elements
     if a * u * b <= budget:  # the common case: one chunk
         return _summarize_chunks((v,), scratch, saturation)
@@ -548,6 +565,62 @@ def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float
         unit_min=torch.cat([s.unit_min for s in blocks]),
         nonzero=torch.stack([s.nonzero.to(torch.float64) for s in blocks]).sum(),
         saturated=None if saturation is None else torch.stack([s.saturated for s in blocks]).sum(),  # type: ignore[misc]
+    )
+
+
+def _kernel_can_read(v: torch.Tensor) -> bool:
+    """Whether the C kernel can read ``v`` through its data pointer: a plain strided float32/float64
+    tensor in host memory (not a subclass such as a fake or functional tensor, not a lazy negation)."""
+    return (
+        v.device.type == "cpu"
+        and v.dtype in _KERNEL_DTYPES
+        and (type(v) is torch.Tensor or type(v) is torch.nn.Parameter)
+        and v.layout == torch.strided
+        and not v.is_neg()
+        and min(v.stride()) >= 0
+        and _within_storage(v)
+    )
+
+
+def _within_storage(v: torch.Tensor) -> bool:
+    """Every element the shape and strides address lies inside the tensor's storage (the kernel
+    trusts them: a wrong view here would read outside the allocation)."""
+    if v.numel() == 0:
+        return True
+    last = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride()))
+    return last < v.untyped_storage().nbytes() // v.element_size()
+
+
+def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float] | None) -> _Summary:
+    """The C kernel's summary of ``v`` (A, U, B): one read, every statistic, float64 accumulation."""
+    a, u, b = v.shape
+    if u == 1 and a > 1 and v.is_contiguous():
+        v = v.view(1, 1, a * b)  # one unit: a single run, not a column
+    n_a, _, n_b = v.shape
+    assert _within_storage(v)
+    out = torch.empty(4 * u + 2, dtype=torch.float64)
+    centre, threshold = saturation if saturation is not None else (0.0, 0.0)
+    KERNEL.unit_stats(
+        v.data_ptr(),
+        _KERNEL_DTYPES[v.dtype],
+        n_a,
+        u,
+        n_b,
+        *v.stride(),
+        out.data_ptr(),
+        max(1, min(scratch.chunk_elements, KERNEL_TILE)),
+        saturation is not None,
+        float(centre),
+        float(threshold),
+    )
+    return _Summary(
+        rows=a * b,
+        mean=out[:u],
+        m2=out[u : 2 * u],
+        unit_max=out[2 * u : 3 * u],
+        unit_min=out[3 * u : 4 * u],
+        nonzero=out[4 * u],
+        saturated=None if saturation is None else out[4 * u + 1],
     )
 
 
@@ -782,6 +855,10 @@ def _local_sums(x: torch.Tensor, scratch: Scratch, *, with_sum: bool) -> torch.T
     flat = x.detach().reshape(-1)
     n = flat.numel()
     device = flat.device
+    if KERNEL is not None and _kernel_can_read(flat) and flat.is_contiguous():
+        out = torch.empty(2, dtype=torch.float64)
+        KERNEL.square_sums(flat.data_ptr(), _KERNEL_DTYPES[flat.dtype], n, out.data_ptr())
+        return out if with_sum else out[1:]
     step = scratch.chunk_elements
     if n == 0:
         return torch.zeros(2 if with_sum else 1, dtype=torch.float64, device=device)

@@ -1,0 +1,726 @@
+/*
+ * gradprobe._kernel: the per-unit statistics of one strided tensor in a single read.
+ *
+ * Optional: gradprobe builds it at install time when a C compiler is present and falls back to the
+ * pure-PyTorch path (gradprobe/stats.py) when it is absent; both give the same statistics (tested).
+ * Plain C against the CPython API only: no torch or numpy headers, the tensor is passed as its data
+ * pointer, shape and strides (in elements), and the results are written into a float64 tensor the
+ * caller allocated.
+ *
+ * The tensor is viewed as (A, U, B) with the units in the middle (gradprobe.stats.as_units). It is
+ * read in tiles of at most `budget` elements (a range of samples A, of units U, of positions B) that
+ * stay in cache for the second pass: pass 1 takes each unit's sum, maximum, minimum and the zero
+ * count; pass 2 the sum of squared deviations around the tile's own mean (the corrected two-pass
+ * formula, exact to float64 rounding where the tile is summarised); tiles are merged per unit with
+ * Chan, Golub and LeVeque's pairwise formula. Accumulation is in float64 throughout.
+ *
+ * Output layout (float64, 4*U + 2 values): mean[U], M2[U], max[U], min[U], nonzero, saturated.
+ * A unit holding a NaN gets NaN as its maximum and minimum (as torch.amax/amin propagate it).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef Py_ssize_t idx;
+
+typedef struct {
+    idx A, U, B, sA, sU, sB, budget;
+    int saturation;
+    double centre, threshold;
+    /* running per-unit summaries */
+    double *n, *mean, *m2, *mx, *mn;
+    /* per-tile scratch */
+    double *tsum, *tmax, *tmin, *tdev, *tsq;
+    float *fhi, *flo; /* float32 scratch of the row fast path */
+    double nonzero, saturated;
+} Job;
+
+
+/* ---- float32 fast paths: 8 floats at a time (GCC/Clang vector extensions; AVX2 clone on x86-64) ---- */
+#if defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define GP_VECTOR 1
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int vi8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd4 __attribute__((vector_size(32)));
+#if defined(__x86_64__) && !defined(__clang__)
+#define GP_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GP_CLONES
+#endif
+#define LD8(dst, p) memcpy(&(dst), (p), sizeof(vf8))
+#define ST8(p, src) memcpy((p), &(src), sizeof(vf8))
+#define LDD(dst, p) memcpy(&(dst), (p), sizeof(vd4))
+#define STD(p, src) memcpy((p), &(src), sizeof(vd4))
+/* select: NaN never wins a comparison, so it is skipped here and found by the tile's NaN check */
+#define VMAX(a, b) ((vf8)((((vi8)((a) > (b))) & (vi8)(a)) | (~((vi8)((a) > (b))) & (vi8)(b))))
+#define VMIN(a, b) ((vf8)((((vi8)((a) < (b))) & (vi8)(a)) | (~((vi8)((a) < (b))) & (vi8)(b))))
+#define LO4(x) __builtin_convertvector(__builtin_shufflevector((x), (x), 0, 1, 2, 3), vd4)
+#define HI4(x) __builtin_convertvector(__builtin_shufflevector((x), (x), 4, 5, 6, 7), vd4)
+
+/* pass 1 over a contiguous run: sum (float64), max, min, nonzero count */
+GP_CLONES static void run_pass1(const float *p, idx n, double *sum, double *hi, double *lo,
+                                double *nonzero) {
+    vd4 s0 = {0, 0, 0, 0}, s1 = {0, 0, 0, 0};
+    const vf8 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+    const vf8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    vf8 vh = -inf, vl = inf;
+    vi8 nz = {0, 0, 0, 0, 0, 0, 0, 0};
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        vf8 x;
+        LD8(x, p + i);
+        s0 += LO4(x);
+        s1 += HI4(x);
+        vh = VMAX(x, vh);
+        vl = VMIN(x, vl);
+        nz -= (vi8)(x != zero);
+    }
+    vd4 s = s0 + s1;
+    double t = (s[0] + s[1]) + (s[2] + s[3]);
+    float h = -INFINITY, l = INFINITY;
+    double z = 0.0;
+    for (int k = 0; k < 8; k++) {
+        h = vh[k] > h ? vh[k] : h;
+        l = vl[k] < l ? vl[k] : l;
+        z += nz[k];
+    }
+    for (; i < n; i++) {
+        const float x = p[i];
+        t += x;
+        h = x > h ? x : h;
+        l = x < l ? x : l;
+        z += x != 0.0f;
+    }
+    *sum += t;
+    *hi = h > *hi ? h : *hi;
+    *lo = l < *lo ? l : *lo;
+    *nonzero += z;
+}
+
+/* pass 2 over a contiguous run: Σd and Σd² with d = x − m */
+GP_CLONES static void run_pass2(const float *p, idx n, double m, double *dev, double *sq) {
+    const vd4 mv = {m, m, m, m};
+    vd4 d0 = {0, 0, 0, 0}, d1 = d0, q0 = d0, q1 = d0;
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        vf8 x;
+        LD8(x, p + i);
+        const vd4 a = LO4(x) - mv, b = HI4(x) - mv;
+        d0 += a;
+        d1 += b;
+        q0 += a * a;
+        q1 += b * b;
+    }
+    vd4 d = d0 + d1, q = q0 + q1;
+    double dd = (d[0] + d[1]) + (d[2] + d[3]), qq = (q[0] + q[1]) + (q[2] + q[3]);
+    for (; i < n; i++) {
+        const double a = (double)p[i] - m;
+        dd += a;
+        qq += a * a;
+    }
+    *dev += dd;
+    *sq += qq;
+}
+
+/* pass 1 down 8 contiguous units over `rows` rows `stride` apart: everything stays in registers */
+GP_CLONES static void col_pass1(const float *p, idx rows, idx stride, double *sum, double *hi,
+                                double *lo, double *nonzero) {
+    vd4 s0 = {0, 0, 0, 0}, s1 = {0, 0, 0, 0};
+    const vf8 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+    const vf8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    vf8 vh = -inf, vl = inf;
+    vi8 nz = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (idx a = 0; a < rows; a++) {
+        vf8 x;
+        LD8(x, p + a * stride);
+        s0 += LO4(x);
+        s1 += HI4(x);
+        vh = VMAX(x, vh);
+        vl = VMIN(x, vl);
+        nz -= (vi8)(x != zero);
+    }
+    double z = 0.0;
+    for (int k = 0; k < 4; k++) sum[k] = s0[k], sum[k + 4] = s1[k];
+    for (int k = 0; k < 8; k++) hi[k] = vh[k], lo[k] = vl[k], z += nz[k];
+    *nonzero += z;
+}
+
+/* pass 2 down 8 contiguous units: Σd and Σd² around the per-unit means */
+GP_CLONES static void col_pass2(const float *p, idx rows, idx stride, const double *mean, double *dev,
+                                double *sq) {
+    vd4 m0, m1, d0 = {0, 0, 0, 0}, d1 = d0, q0 = d0, q1 = d0;
+    LDD(m0, mean);
+    LDD(m1, mean + 4);
+    for (idx a = 0; a < rows; a++) {
+        vf8 x;
+        LD8(x, p + a * stride);
+        const vd4 e = LO4(x) - m0, f = HI4(x) - m1;
+        d0 += e;
+        d1 += f;
+        q0 += e * e;
+        q1 += f * f;
+    }
+    for (int k = 0; k < 4; k++) dev[k] = d0[k], dev[k + 4] = d1[k], sq[k] = q0[k], sq[k + 4] = q1[k];
+}
+#endif
+
+
+/* ---- x86-64 with AVX2: the same passes with explicit intrinsics (one vcvtps2pd per 4 values, vmaxps;
+ * chosen at run time, so the module still loads on CPUs without AVX2) ---- */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GP_AVX2_PATH 1
+#include <immintrin.h>
+#define GP_AVX2 __attribute__((target("avx2,fma")))
+static int have_avx2 = 0;
+
+GP_AVX2 static inline double avx_hsum(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* pass 1 down 16 contiguous units (one cache line of floats) over `rows` rows `stride` apart */
+GP_AVX2 static void avx_col_pass1(const float *p, idx rows, idx stride, double *sum, double *hi,
+                                  double *lo, double *nonzero) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    __m256 h0 = _mm256_set1_ps(-INFINITY), h1 = h0, l0 = _mm256_set1_ps(INFINITY), l1 = l0;
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i nz = _mm256_setzero_si256();
+    for (idx a = 0; a < rows; a++) {
+        const float *q = p + a * stride;
+        _mm_prefetch((const char *)(q + 32 * stride), _MM_HINT_T0);
+        const __m256 x = _mm256_loadu_ps(q), y = _mm256_loadu_ps(q + 8);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+        s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+        s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
+        h0 = _mm256_max_ps(x, h0), h1 = _mm256_max_ps(y, h1);
+        l0 = _mm256_min_ps(x, l0), l1 = _mm256_min_ps(y, l1);
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_NEQ_UQ)));
+    }
+    _mm256_storeu_pd(sum, s0), _mm256_storeu_pd(sum + 4, s1);
+    _mm256_storeu_pd(sum + 8, s2), _mm256_storeu_pd(sum + 12, s3);
+    _mm256_storeu_pd(hi, _mm256_cvtps_pd(_mm256_castps256_ps128(h0)));
+    _mm256_storeu_pd(hi + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(h0, 1)));
+    _mm256_storeu_pd(hi + 8, _mm256_cvtps_pd(_mm256_castps256_ps128(h1)));
+    _mm256_storeu_pd(hi + 12, _mm256_cvtps_pd(_mm256_extractf128_ps(h1, 1)));
+    _mm256_storeu_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(l0)));
+    _mm256_storeu_pd(lo + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(l0, 1)));
+    _mm256_storeu_pd(lo + 8, _mm256_cvtps_pd(_mm256_castps256_ps128(l1)));
+    _mm256_storeu_pd(lo + 12, _mm256_cvtps_pd(_mm256_extractf128_ps(l1, 1)));
+    int32_t c[8];
+    _mm256_storeu_si256((__m256i *)c, nz);
+    double z = 0.0;
+    for (int k = 0; k < 8; k++) z += c[k];
+    *nonzero += z;
+}
+
+/* pass 2 down 16 contiguous units: Σd and Σd² around the per-unit means (written, not added) */
+GP_AVX2 static void avx_col_pass2(const float *p, idx rows, idx stride, const double *mean,
+                                  double *dev, double *sq) {
+    const __m256d m0 = _mm256_loadu_pd(mean), m1 = _mm256_loadu_pd(mean + 4);
+    const __m256d m2 = _mm256_loadu_pd(mean + 8), m3 = _mm256_loadu_pd(mean + 12);
+    __m256d d0 = _mm256_setzero_pd(), d1 = d0, d2 = d0, d3 = d0, q0 = d0, q1 = d0, q2 = d0, q3 = d0;
+    for (idx a = 0; a < rows; a++) {
+        const float *q = p + a * stride;
+        const __m256 x = _mm256_loadu_ps(q), y = _mm256_loadu_ps(q + 8);
+        const __m256d e0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), m0);
+        const __m256d e1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), m1);
+        const __m256d e2 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(y)), m2);
+        const __m256d e3 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)), m3);
+        d0 = _mm256_add_pd(d0, e0), d1 = _mm256_add_pd(d1, e1);
+        d2 = _mm256_add_pd(d2, e2), d3 = _mm256_add_pd(d3, e3);
+        q0 = _mm256_fmadd_pd(e0, e0, q0), q1 = _mm256_fmadd_pd(e1, e1, q1);
+        q2 = _mm256_fmadd_pd(e2, e2, q2), q3 = _mm256_fmadd_pd(e3, e3, q3);
+    }
+    _mm256_storeu_pd(dev, d0), _mm256_storeu_pd(dev + 4, d1);
+    _mm256_storeu_pd(dev + 8, d2), _mm256_storeu_pd(dev + 12, d3);
+    _mm256_storeu_pd(sq, q0), _mm256_storeu_pd(sq + 4, q1);
+    _mm256_storeu_pd(sq + 8, q2), _mm256_storeu_pd(sq + 12, q3);
+}
+
+/* pass 1 over a contiguous run (added into *sum, *hi, *lo, *nonzero) */
+GP_AVX2 static void avx_run_pass1(const float *p, idx n, double *sum, double *hi, double *lo,
+                                  double *nonzero) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    __m256 h = _mm256_set1_ps(-INFINITY), l = _mm256_set1_ps(INFINITY);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i nz = _mm256_setzero_si256();
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+        h = _mm256_max_ps(x, h), l = _mm256_min_ps(x, l);
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
+    }
+    double t = avx_hsum(_mm256_add_pd(s0, s1));
+    float hv[8], lv[8];
+    int32_t c[8];
+    _mm256_storeu_ps(hv, h), _mm256_storeu_ps(lv, l);
+    _mm256_storeu_si256((__m256i *)c, nz);
+    float hh = -INFINITY, ll = INFINITY;
+    double z = 0.0;
+    for (int k = 0; k < 8; k++) {
+        hh = hv[k] > hh ? hv[k] : hh;
+        ll = lv[k] < ll ? lv[k] : ll;
+        z += c[k];
+    }
+    for (; i < n; i++) {
+        const float x = p[i];
+        t += x;
+        hh = x > hh ? x : hh;
+        ll = x < ll ? x : ll;
+        z += x != 0.0f;
+    }
+    *sum += t;
+    *hi = hh > *hi ? hh : *hi;
+    *lo = ll < *lo ? ll : *lo;
+    *nonzero += z;
+}
+
+/* pass 2 over a contiguous run: Σd and Σd² with d = x − m (added) */
+GP_AVX2 static void avx_run_pass2(const float *p, idx n, double m, double *dev, double *sq) {
+    const __m256d mv = _mm256_set1_pd(m);
+    __m256d d0 = _mm256_setzero_pd(), d1 = d0, q0 = d0, q1 = d0;
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), mv);
+        const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), mv);
+        d0 = _mm256_add_pd(d0, a), d1 = _mm256_add_pd(d1, b);
+        q0 = _mm256_fmadd_pd(a, a, q0), q1 = _mm256_fmadd_pd(b, b, q1);
+    }
+    double dd = avx_hsum(_mm256_add_pd(d0, d1)), qq = avx_hsum(_mm256_add_pd(q0, q1));
+    for (; i < n; i++) {
+        const double a = (double)p[i] - m;
+        dd += a;
+        qq += a * a;
+    }
+    *dev += dd;
+    *sq += qq;
+}
+
+/* Σx and Σx² of a contiguous run (parameters and their gradients) */
+GP_AVX2 static void avx_sums(const float *p, idx n, double *out) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, q0 = s0, q1 = s0;
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+        const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        s0 = _mm256_add_pd(s0, a), s1 = _mm256_add_pd(s1, b);
+        q0 = _mm256_fmadd_pd(a, a, q0), q1 = _mm256_fmadd_pd(b, b, q1);
+    }
+    double s = avx_hsum(_mm256_add_pd(s0, s1)), q = avx_hsum(_mm256_add_pd(q0, q1));
+    for (; i < n; i++) {
+        const double x = p[i];
+        s += x;
+        q += x * x;
+    }
+    out[0] = s;
+    out[1] = q;
+}
+#endif
+
+
+/* scalar passes down one unit of a rows layout (the units left over by the vector blocks) */
+static void scalar_col_pass1(const float *p, idx rows, idx stride, double *sum, double *hi, double *lo,
+                             double *nonzero) {
+    double s = 0.0, h = -INFINITY, l = INFINITY, z = 0.0;
+    for (idx a = 0; a < rows; a++) {
+        const double x = p[a * stride];
+        s += x;
+        h = x > h ? x : h;
+        l = x < l ? x : l;
+        z += x != 0.0;
+    }
+    *sum = s, *hi = h, *lo = l, *nonzero += z;
+}
+
+static void scalar_col_pass2(const float *p, idx rows, idx stride, double m, double *dev, double *sq) {
+    double d = 0.0, q = 0.0;
+    for (idx a = 0; a < rows; a++) {
+        const double e = p[a * stride] - m;
+        d += e;
+        q += e * e;
+    }
+    *dev = d, *sq = q;
+}
+
+/* The float32 fast paths of a tile; 0 when the layout has none (the generic loops run instead).
+ * They fill the tile's per-unit sums (then means), extremes, Σd and Σd², and add to the zero count. */
+static int fast_f32(Job *j, const float *base, idx a0, idx a1, idx u0, idx u1, idx b0, idx b1) {
+#ifdef GP_VECTOR
+    const idx nu = u1 - u0, nb = b1 - b0, sA = j->sA, sU = j->sU, sB = j->sB;
+    double *tsum = j->tsum, *tmax = j->tmax, *tmin = j->tmin, *tdev = j->tdev, *tsq = j->tsq;
+    const double count = (double)((a1 - a0) * nb);
+    if (nb == 1 && sU == 1 && nu >= 8) {
+        /* units contiguous along a row: blocks of units down the rows, then the units left over */
+        const idx rows = a1 - a0;
+        const float *p = base + a0 * sA + b0 * sB + u0;
+        idx width = 8;
+#ifdef GP_AVX2_PATH
+        if (have_avx2 && nu >= 16) width = 16;
+#endif
+        const idx nv = nu - nu % width;
+        for (idx u = 0; u < nv; u += width) {
+#ifdef GP_AVX2_PATH
+            if (width == 16) {
+                avx_col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
+                continue;
+            }
+#endif
+            col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
+        }
+        for (idx u = nv; u < nu; u++) scalar_col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
+        for (idx u = 0; u < nu; u++) tsum[u] /= count;
+        for (idx u = 0; u < nv; u += width) {
+#ifdef GP_AVX2_PATH
+            if (width == 16) {
+                avx_col_pass2(p + u, rows, sA, tsum + u, tdev + u, tsq + u);
+                continue;
+            }
+#endif
+            col_pass2(p + u, rows, sA, tsum + u, tdev + u, tsq + u);
+        }
+        for (idx u = nv; u < nu; u++) scalar_col_pass2(p + u, rows, sA, tsum[u], tdev + u, tsq + u);
+        return 1;
+    }
+    if (sB == 1 && nb >= 16) {
+        /* a contiguous run of positions per (sample, unit) */
+        for (idx u = 0; u < nu; u++) tsum[u] = tdev[u] = tsq[u] = 0.0, tmax[u] = -INFINITY, tmin[u] = INFINITY;
+        for (idx a = a0; a < a1; a++)
+            for (idx u = 0; u < nu; u++) {
+                const float *p = base + a * sA + (u0 + u) * sU + b0;
+#ifdef GP_AVX2_PATH
+                if (have_avx2) {
+                    avx_run_pass1(p, nb, tsum + u, tmax + u, tmin + u, &j->nonzero);
+                    continue;
+                }
+#endif
+                run_pass1(p, nb, tsum + u, tmax + u, tmin + u, &j->nonzero);
+            }
+        for (idx u = 0; u < nu; u++) tsum[u] /= count;
+        for (idx a = a0; a < a1; a++)
+            for (idx u = 0; u < nu; u++) {
+                const float *p = base + a * sA + (u0 + u) * sU + b0;
+#ifdef GP_AVX2_PATH
+                if (have_avx2) {
+                    avx_run_pass2(p, nb, tsum[u], tdev + u, tsq + u);
+                    continue;
+                }
+#endif
+                run_pass2(p, nb, tsum[u], tdev + u, tsq + u);
+            }
+        return 1;
+    }
+#else
+    (void)j, (void)base, (void)a0, (void)a1, (void)u0, (void)u1, (void)b0, (void)b1;
+#endif
+    return 0;
+}
+
+static int fast_f64(Job *j, const double *base, idx a0, idx a1, idx u0, idx u1, idx b0, idx b1) {
+    (void)j, (void)base, (void)a0, (void)a1, (void)u0, (void)u1, (void)b0, (void)b1;
+    return 0;
+}
+
+
+/* Merge a tile's per-unit summaries (tsum holds the tile means) into the running ones: the corrected
+ * two-pass M2 of the tile, then Chan's pairwise formula. Every unit of a tile has seen the same count
+ * so far (tiles cover whole unit blocks), so the factors are computed once. */
+static void merge_tile(Job *j, idx u0, idx nu, double count) {
+    const double n = j->n[u0], total = n + count, ic = 1.0 / count;
+    double *mean = j->mean + u0, *m2 = j->m2 + u0, *mx = j->mx + u0, *mn = j->mn + u0;
+    const double *tsum = j->tsum, *tdev = j->tdev, *tsq = j->tsq, *tmax = j->tmax, *tmin = j->tmin;
+    if (n == 0.0) {
+        for (idx u = 0; u < nu; u++) {
+            mean[u] = tsum[u];
+            m2[u] = tsq[u] - tdev[u] * tdev[u] * ic;
+            mx[u] = tmax[u];
+            mn[u] = tmin[u];
+        }
+    } else {
+        const double f = count / total, g = n * f;
+        for (idx u = 0; u < nu; u++) {
+            const double delta = tsum[u] - mean[u];
+            mean[u] += delta * f;
+            m2[u] += (tsq[u] - tdev[u] * tdev[u] * ic) + delta * delta * g;
+            /* NaN-propagating, as torch.amax/amin */
+            mx[u] = (tmax[u] > mx[u] || tmax[u] != tmax[u]) ? tmax[u] : mx[u];
+            mn[u] = (tmin[u] < mn[u] || tmin[u] != tmin[u]) ? tmin[u] : mn[u];
+        }
+    }
+    for (idx u = 0; u < nu; u++) j->n[u0 + u] = total;
+}
+
+#define DEFINE_KERNEL(SUFFIX, T)                                                                   \
+    static void compute_##SUFFIX(Job *j, const T *base, idx a0, idx a1, idx u0, idx u1, idx b0,   \
+                                 idx b1) {                                                         \
+        const idx nu = u1 - u0, nb = b1 - b0;                                                      \
+        const idx sA = j->sA, sU = j->sU, sB = j->sB;                                              \
+        double *tsum = j->tsum, *tmax = j->tmax, *tmin = j->tmin, *tdev = j->tdev, *tsq = j->tsq; \
+        double nonzero = 0.0;                                                                      \
+        for (idx u = 0; u < nu; u++) {                                                             \
+            tsum[u] = 0.0;                                                                         \
+            tmax[u] = -INFINITY;                                                                   \
+            tmin[u] = INFINITY;                                                                    \
+            tdev[u] = 0.0;                                                                         \
+            tsq[u] = 0.0;                                                                          \
+        }                                                                                          \
+        const double count = (double)((a1 - a0) * nb);                                             \
+        if (nb == 1 && sU == 1) {                                                                  \
+            /* units contiguous: vectorised across the units of a row */                           \
+            for (idx a = a0; a < a1; a++) {                                                        \
+                const T *row = base + a * sA + b0 * sB + u0;                                       \
+                for (idx u = 0; u < nu; u++) {                                                     \
+                    const double x = (double)row[u];                                               \
+                    tsum[u] += x;                                                                  \
+                    tmax[u] = x > tmax[u] ? x : tmax[u];                                           \
+                    tmin[u] = x < tmin[u] ? x : tmin[u];                                           \
+                    nonzero += (x != 0.0) ? 1.0 : 0.0;                                             \
+                }                                                                                  \
+            }                                                                                      \
+            for (idx u = 0; u < nu; u++) tsum[u] /= count; /* now the tile mean */                 \
+            for (idx a = a0; a < a1; a++) {                                                        \
+                const T *row = base + a * sA + b0 * sB + u0;                                       \
+                for (idx u = 0; u < nu; u++) {                                                     \
+                    const double d = (double)row[u] - tsum[u];                                     \
+                    tdev[u] += d;                                                                  \
+                    tsq[u] += d * d;                                                               \
+                }                                                                                  \
+            }                                                                                      \
+        } else {                                                                                   \
+            /* a run of positions per (sample, unit) */                                            \
+            for (idx a = a0; a < a1; a++) {                                                        \
+                for (idx u = 0; u < nu; u++) {                                                     \
+                    const T *p = base + a * sA + (u0 + u) * sU + b0 * sB;                          \
+                    double s = 0.0, hi = -INFINITY, lo = INFINITY, nz = 0.0;                       \
+                    if (sB == 1) {                                                                 \
+                        for (idx b = 0; b < nb; b++) {                                             \
+                            const double x = (double)p[b];                                         \
+                            s += x;                                                                \
+                            hi = x > hi ? x : hi;                                                  \
+                            lo = x < lo ? x : lo;                                                  \
+                            nz += (x != 0.0) ? 1.0 : 0.0;                                          \
+                        }                                                                          \
+                    } else {                                                                       \
+                        for (idx b = 0; b < nb; b++) {                                             \
+                            const double x = (double)p[b * sB];                                    \
+                            s += x;                                                                \
+                            hi = x > hi ? x : hi;                                                  \
+                            lo = x < lo ? x : lo;                                                  \
+                            nz += (x != 0.0) ? 1.0 : 0.0;                                          \
+                        }                                                                          \
+                    }                                                                              \
+                    tsum[u] += s;                                                                  \
+                    tmax[u] = hi > tmax[u] ? hi : tmax[u];                                         \
+                    tmin[u] = lo < tmin[u] ? lo : tmin[u];                                         \
+                    nonzero += nz;                                                                 \
+                }                                                                                  \
+            }                                                                                      \
+            for (idx u = 0; u < nu; u++) tsum[u] /= count;                                         \
+            for (idx a = a0; a < a1; a++) {                                                        \
+                for (idx u = 0; u < nu; u++) {                                                     \
+                    const T *p = base + a * sA + (u0 + u) * sU + b0 * sB;                          \
+                    const double m = tsum[u];                                                      \
+                    double dev = 0.0, sq = 0.0;                                                    \
+                    if (sB == 1) {                                                                 \
+                        for (idx b = 0; b < nb; b++) {                                             \
+                            const double d = (double)p[b] - m;                                     \
+                            dev += d;                                                              \
+                            sq += d * d;                                                           \
+                        }                                                                          \
+                    } else {                                                                       \
+                        for (idx b = 0; b < nb; b++) {                                             \
+                            const double d = (double)p[b * sB] - m;                                \
+                            dev += d;                                                              \
+                            sq += d * d;                                                           \
+                        }                                                                          \
+                    }                                                                              \
+                    tdev[u] += dev;                                                                \
+                    tsq[u] += sq;                                                                  \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        j->nonzero += nonzero;                                                                     \
+    }                                                                                              \
+                                                                                                   \
+    static void finish_##SUFFIX(Job *j, const T *base, idx a0, idx a1, idx u0, idx u1, idx b0,    \
+                                idx b1) {                                                          \
+        const idx nu = u1 - u0, nb = b1 - b0;                                                      \
+        const idx sA = j->sA, sU = j->sU, sB = j->sB;                                              \
+        const double count = (double)((a1 - a0) * nb);                                             \
+        double *tsum = j->tsum, *tmax = j->tmax, *tmin = j->tmin, *tdev = j->tdev, *tsq = j->tsq; \
+        if (j->saturation) {                                                                       \
+            const double c = j->centre, th = j->threshold;                                         \
+            double sat = 0.0;                                                                      \
+            for (idx a = a0; a < a1; a++)                                                          \
+                for (idx u = 0; u < nu; u++) {                                                     \
+                    const T *p = base + a * sA + (u0 + u) * sU + b0 * sB;                          \
+                    for (idx b = 0; b < nb; b++) sat += (fabs((double)p[b * sB] - c) > th) ? 1.0 : 0.0; \
+                }                                                                                  \
+            j->saturated += sat;                                                                   \
+        }                                                                                          \
+        for (idx u = 0; u < nu; u++) {                                                             \
+            if (isnan(tsum[u])) {                                                                  \
+                /* rare: look for a NaN element (the sum is also NaN for +inf and -inf) */         \
+                for (idx a = a0; a < a1; a++)                                                      \
+                    for (idx b = 0; b < nb; b++) {                                                 \
+                        const double x = (double)base[a * sA + (u0 + u) * sU + (b0 + b) * sB];     \
+                        if (isnan(x)) tmax[u] = tmin[u] = x;                                       \
+                    }                                                                              \
+            }                                                                                      \
+        }                                                                                          \
+        merge_tile(j, u0, nu, count);                                                              \
+    }                                                                                              \
+                                                                                                   \
+    static void tile_##SUFFIX(Job *j, const T *base, idx a0, idx a1, idx u0, idx u1, idx b0,      \
+                              idx b1) {                                                            \
+        if (!fast_##SUFFIX(j, base, a0, a1, u0, u1, b0, b1))                                       \
+            compute_##SUFFIX(j, base, a0, a1, u0, u1, b0, b1);                                     \
+        finish_##SUFFIX(j, base, a0, a1, u0, u1, b0, b1);                                          \
+    }                                                                                              \
+                                                                                                   \
+    static void run_##SUFFIX(Job *j, const T *base) {                                              \
+        const idx A = j->A, U = j->U, B = j->B, budget = j->budget;                                \
+        idx nb, nu, na;                                                                            \
+        if (B == 1 && j->sU == 1) {                                                                \
+            /* rows of contiguous units: tall tiles at most 128 units wide */                      \
+            nb = 1;                                                                                \
+            nu = U < 128 ? U : 128;                                                                \
+            na = budget / nu > 1 ? budget / nu : 1;                                                \
+        } else if (B >= budget) {                                                                  \
+            nb = budget, nu = 1, na = 1;                                                           \
+        } else {                                                                                   \
+            nb = B;                                                                                \
+            nu = budget / B < U ? budget / B : U;                                                  \
+            na = nu < U ? 1 : (budget / (U * B) > 1 ? budget / (U * B) : 1);                       \
+        }                                                                                          \
+        for (idx a0 = 0; a0 < A; a0 += na)                                                         \
+            for (idx u0 = 0; u0 < U; u0 += nu)                                                     \
+                for (idx b0 = 0; b0 < B; b0 += nb)                                                 \
+                    tile_##SUFFIX(j, base, a0, a0 + na < A ? a0 + na : A, u0,                      \
+                                  u0 + nu < U ? u0 + nu : U, b0, b0 + nb < B ? b0 + nb : B);       \
+    }                                                                                              \
+                                                                                                   \
+    static void sums_##SUFFIX(const T *p, idx n, double *out) {                                    \
+        double s[8] = {0}, q[8] = {0};                                                             \
+        idx i = 0;                                                                                 \
+        for (; i + 8 <= n; i += 8)                                                                 \
+            for (int l = 0; l < 8; l++) {                                                          \
+                const double x = (double)p[i + l];                                                 \
+                s[l] += x;                                                                         \
+                q[l] += x * x;                                                                     \
+            }                                                                                      \
+        double ts = 0.0, tq = 0.0;                                                                 \
+        for (; i < n; i++) {                                                                       \
+            const double x = (double)p[i];                                                         \
+            ts += x;                                                                               \
+            tq += x * x;                                                                           \
+        }                                                                                          \
+        for (int l = 0; l < 8; l++) ts += s[l], tq += q[l];                                        \
+        out[0] = ts;                                                                               \
+        out[1] = tq;                                                                               \
+    }
+
+DEFINE_KERNEL(f32, float)
+DEFINE_KERNEL(f64, double)
+
+/* unit_stats(data, dtype, A, U, B, sA, sU, sB, out, budget, saturation, centre, threshold)
+ * dtype: 0 float32, 1 float64. data and out are addresses (int). */
+static PyObject *unit_stats(PyObject *self, PyObject *args) {
+    unsigned long long data, out;
+    int dtype, saturation;
+    Job j;
+    memset(&j, 0, sizeof j);
+    if (!PyArg_ParseTuple(args, "KinnnnnnKnidd", &data, &dtype, &j.A, &j.U, &j.B, &j.sA, &j.sU,
+                          &j.sB, &out, &j.budget, &saturation, &j.centre, &j.threshold))
+        return NULL;
+    if (j.A < 0 || j.U <= 0 || j.B < 0 || j.budget < 1 || (dtype != 0 && dtype != 1)) {
+        PyErr_SetString(PyExc_ValueError, "unit_stats: bad shape, budget or dtype");
+        return NULL;
+    }
+    j.saturation = saturation;
+    const idx U = j.U;
+    double *work = (double *)malloc(sizeof(double) * (size_t)U * 7);
+    if (work == NULL) return PyErr_NoMemory();
+    j.fhi = (float *)(work + 6 * U);
+    j.flo = j.fhi + U;
+    double *res = (double *)(uintptr_t)out;
+    j.mean = res;
+    j.m2 = res + U;
+    j.mx = res + 2 * U;
+    j.mn = res + 3 * U;
+    j.n = work;
+    j.tsum = work + U;
+    j.tmax = work + 2 * U;
+    j.tmin = work + 3 * U;
+    j.tdev = work + 4 * U;
+    j.tsq = work + 5 * U;
+    for (idx u = 0; u < U; u++) {
+        j.n[u] = 0.0;
+        j.mean[u] = j.m2[u] = j.mx[u] = j.mn[u] = NAN;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (j.A > 0 && j.B > 0) {
+        if (dtype == 0)
+            run_f32(&j, (const float *)(uintptr_t)data);
+        else
+            run_f64(&j, (const double *)(uintptr_t)data);
+    }
+    Py_END_ALLOW_THREADS
+    res[4 * U] = j.nonzero;
+    res[4 * U + 1] = j.saturated;
+    free(work);
+    Py_RETURN_NONE;
+}
+
+/* square_sums(data, dtype, n, out): out[0] = Σx, out[1] = Σx² over n contiguous values. */
+static PyObject *square_sums(PyObject *self, PyObject *args) {
+    unsigned long long data, out;
+    int dtype;
+    idx n;
+    if (!PyArg_ParseTuple(args, "KinK", &data, &dtype, &n, &out)) return NULL;
+    if (n < 0 || (dtype != 0 && dtype != 1)) {
+        PyErr_SetString(PyExc_ValueError, "square_sums: bad length or dtype");
+        return NULL;
+    }
+    double *res = (double *)(uintptr_t)out;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0) {
+#ifdef GP_AVX2_PATH
+        if (have_avx2)
+            avx_sums((const float *)(uintptr_t)data, n, res);
+        else
+#endif
+            sums_f32((const float *)(uintptr_t)data, n, res);
+    }
+    else
+        sums_f64((const double *)(uintptr_t)data, n, res);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"unit_stats", unit_stats, METH_VARARGS, "Per-unit statistics of a strided (A, U, B) tensor."},
+    {"square_sums", square_sums, METH_VARARGS, "Sum and sum of squares of a contiguous tensor."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "gradprobe._kernel",
+                                    "gradprobe's optional one-read statistics kernel.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+#ifdef GP_AVX2_PATH
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (getenv("GRADPROBE_KERNEL_NO_AVX2") != NULL) have_avx2 = 0; /* tests: the portable paths */
+#endif
+    return PyModule_Create(&module);
+}

@@ -56,6 +56,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,axis,chunk", CASES)
+@pytest.mark.usefixtures("stats_path")
 def test_every_chunk_layout_is_exact(shape: tuple[int, ...], axis: int | None, chunk: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(len(shape) * 7 + chunk)
     x = torch.randn(shape, generator=g) * 3 + 1.5
@@ -66,6 +67,7 @@ def test_every_chunk_layout_is_exact(shape: tuple[int, ...], axis: int | None, c
     assert m.saturated == int((x.double().abs() > 4.0).sum())
 
 
+@pytest.mark.usefixtures("stats_path")
 def test_large_mean_small_spread_across_many_chunks_is_exact() -> None:
     """The per-unit centre (the first chunk's mean) keeps M2 exact where Σx² − (Σx)²/n fails."""
     g = torch.Generator().manual_seed(0)
@@ -83,6 +85,7 @@ def test_large_mean_small_spread_across_many_chunks_is_exact() -> None:
         (lambda: torch.randn(3, 4, 5).permute(2, 0, 1), 1),
     ],
 )
+@pytest.mark.usefixtures("stats_path")
 def test_permuted_layouts_are_read_in_place(make: Any, axis: int) -> None:
     x = make()
     assert not x.is_contiguous()
@@ -116,6 +119,7 @@ def test_one_read_per_tensor_recorded_twice() -> None:
     np.testing.assert_array_equal(a.mean.numpy(), (b._pending[0].mean).numpy())  # type: ignore[union-attr]
 
 
+@pytest.mark.usefixtures("stats_path")
 def test_module_called_on_different_unit_counts_becomes_one_exact_unit() -> None:
     """torchvision's Bottleneck applies one ReLU to 64- and 256-channel tensors."""
     g = torch.Generator().manual_seed(1)
@@ -141,6 +145,7 @@ def test_resnet50_style_shared_relu_is_probed() -> None:
     assert report["layer1.0.bn1"].act.units == 8  # everything else keeps its channels
 
 
+@pytest.mark.usefixtures("stats_path")
 def test_parameter_sums_are_exact_float64() -> None:
     g = torch.Generator().manual_seed(2)
     w = torch.randn(300, 77, generator=g) * 0.05 + 0.01

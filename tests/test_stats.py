@@ -8,6 +8,9 @@ import torch
 
 from gradprobe.stats import DeviceMoments, Moments, Scratch, as_units, chan_merge
 
+# every test here runs on both statistics paths (the C kernel and the PyTorch operations)
+pytestmark = pytest.mark.usefixtures("stats_path")
+
 
 def _moments(*tensors: torch.Tensor, axis: int | None) -> Moments:
     acc = DeviceMoments(Scratch())

@@ -1,0 +1,198 @@
+"""The optional C statistics kernel (gradprobe/_kernel.c) against direct float64 computation and
+against the pure-PyTorch path, on every layout it has a separate loop for."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradprobe.stats as stats
+from gradprobe.probing import probe
+from gradprobe.stats import DeviceMoments, Scratch, as_units
+
+needs_kernel = pytest.mark.skipif(stats._kernel_module is None, reason="the C kernel is not built here")
+
+
+def test_the_kernel_is_built_where_a_compiler_is() -> None:
+    """`pip install -e .` builds it when a C compiler exists (CI has gcc): a silent fallback to the
+    slower path would otherwise go unnoticed."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert stats._kernel_module is not None
+    assert stats.KERNEL is stats._kernel_module or os.environ.get("GRADPROBE_KERNEL") == "0"
+
+
+def _summary(x: torch.Tensor, axis: int | None, kernel: bool, chunk: int = stats.CHUNK_ELEMENTS) -> stats.Moments:
+    saved = stats.KERNEL
+    stats.KERNEL = stats._kernel_module if kernel else None
+    try:
+        acc = DeviceMoments(Scratch(chunk))
+        acc.add(x, axis, saturation=(0.0, 2.0))
+        parts = [p.double().numpy().reshape(-1) for p in acc.pack()]
+        return DeviceMoments.unpack(parts, acc.rows, acc.calls)
+    finally:
+        stats.KERNEL = saved
+
+
+# (shape, unit axis, tile budget): units on the last axis (the column loops: 16- and 8-wide blocks,
+# leftover units, several 128-unit blocks, several row tiles), runs of positions (whole, cut in
+# pieces, shorter than a vector), one unit, a single row
+LAYOUTS = [
+    ((256, 1024), 1, stats.KERNEL_TILE),
+    ((300, 37), 1, 512),
+    ((33, 300), 1, 1000),
+    ((5, 9), 1, 64),
+    ((8, 64, 16, 16), 1, stats.KERNEL_TILE),
+    ((4, 6, 1000), 1, 100),
+    ((3, 5, 7), 1, 16),
+    ((5000,), None, 300),
+    ((1, 19), 1, 64),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,axis,budget", LAYOUTS)
+def test_kernel_matches_direct_float64_and_the_torch_path(
+    shape: tuple[int, ...], axis: int | None, budget: int, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 1.5 + 0.25).to(dtype)
+    x[x.abs() < 0.3] = 0.0
+    x.view(-1)[::7] = -0.0  # negative zeros are zeros
+    k = _summary(x, axis, kernel=True, chunk=budget)
+    t = _summary(x, axis, kernel=False, chunk=budget)
+    d = as_units(x.double(), axis)
+    np.testing.assert_allclose(k.mean, d.mean(dim=(0, 2)).numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(k.m2, (d.var(dim=(0, 2), unbiased=False) * d.shape[0] * d.shape[2]).numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(k.unit_max, d.amax(dim=(0, 2)).numpy())
+    np.testing.assert_array_equal(k.unit_min, d.amin(dim=(0, 2)).numpy())
+    assert k.zeros == int((x == 0).sum()) == t.zeros
+    assert k.saturated == int((x.double().abs() > 2.0).sum()) == t.saturated
+    np.testing.assert_allclose(k.m2, t.m2, rtol=1e-12)
+    assert k.rows == t.rows and k.units == t.units
+
+
+@needs_kernel
+def test_kernel_reads_views_in_place() -> None:
+    """Channels-last and transposed outputs go to the kernel as strided views, not copies."""
+    base = torch.randn(4, 24, 5, 5)
+    for x, axis in ((base.to(memory_format=torch.channels_last), 1), (torch.randn(16, 3, 40).transpose(0, 1), 2)):
+        d = as_units(x.contiguous().double(), axis)
+        k = _summary(x, axis, kernel=True, chunk=64)
+        np.testing.assert_allclose(k.unit_var(), d.var(dim=(0, 2), unbiased=False).numpy(), rtol=1e-12)
+    sliced = torch.randn(10, 50)[:, 5:45]  # rows 50 apart, 40 units
+    assert not sliced.is_contiguous()
+    k = _summary(sliced, 1, kernel=True)
+    np.testing.assert_allclose(k.mean, sliced.double().mean(0).numpy(), rtol=1e-13, atol=1e-15)
+
+
+@needs_kernel
+def test_kernel_nonfinite_values_behave_as_torch() -> None:
+    """NaN makes the unit's extremes NaN (torch.amax propagates it) and is not a zero; ±inf are
+    extremes; the sums of such units are not finite, so the units are flagged."""
+    for shape, axis in (((40, 24), 1), ((6, 3, 40), 1)):
+        x = torch.randn(shape)
+        v = as_units(x, axis)
+        v[2, 1, 0] = float("nan")
+        v[3, 2, 0] = float("inf")
+        v[4, 0, 0] = 0.0
+        k = _summary(x, axis, kernel=True, chunk=64)
+        t = _summary(x, axis, kernel=False, chunk=64)
+        assert np.isnan(k.unit_max[1]) and np.isnan(k.unit_min[1]) and np.isinf(k.unit_max[2])
+        np.testing.assert_array_equal(k.unit_max, t.unit_max)
+        np.testing.assert_array_equal(k.unit_min, t.unit_min)
+        assert k.zeros == int((x == 0).sum()) == 1  # NaN is not a zero
+        assert k.nonfinite_units == t.nonfinite_units == 2
+
+
+@needs_kernel
+def test_large_mean_small_spread_through_tall_tiles() -> None:
+    """mean 1e4, std 1 (float32 sums lose every digit): the two-pass tiles keep M2 exact."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6000, 48, generator=g) + 1e4).float()
+    k = _summary(x, 1, kernel=True, chunk=500)
+    np.testing.assert_allclose(k.unit_var(), x.double().var(dim=0, unbiased=False).numpy(), rtol=1e-10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_parameter_sums(n: int, dtype: torch.dtype) -> None:
+    w = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1 + 0.02).to(dtype)
+    out = stats._local_sums(w, Scratch(), with_sum=True)
+    assert out[0].item() == pytest.approx(w.double().sum().item(), rel=1e-13, abs=1e-15)
+    assert out[1].item() == pytest.approx(w.double().square().sum().item(), rel=1e-13, abs=1e-15)
+
+
+def test_the_kernel_is_not_given_what_it_cannot_read() -> None:
+    assert not stats._kernel_can_read(torch.randn(4, 4).to(torch.bfloat16))
+    assert not stats._kernel_can_read(torch.randn(4, 4, device="meta"))
+    assert not stats._kernel_can_read(torch.randn(4, 4)._neg_view())
+    assert stats._kernel_can_read(torch.randn(4, 6)[:, 1:3])
+    assert stats._within_storage(torch.empty(0))
+
+
+@needs_kernel
+def test_a_probe_gives_the_same_report_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU(), nn.Flatten(), nn.Linear(20 * 64, 30), nn.Tanh()
+    )
+    x = torch.randn(6, 3, 8, 8)
+    monkeypatch.setattr(stats, "KERNEL", None)
+    slow = probe(model, x, diagnose=False, gate_check=False)
+    monkeypatch.setattr(stats, "KERNEL", stats._kernel_module)
+    fast = probe(model, x, diagnose=False, gate_check=False)
+    assert [layer.name for layer in fast.layers] == [layer.name for layer in slow.layers]
+    for a, b in zip(fast.layers, slow.layers):
+        for kind in ("act", "grad"):
+            sa, sb = getattr(a, kind), getattr(b, kind)
+            if sa is None:
+                assert sb is None
+                continue
+            ma, mb = sa.moments, sb.moments
+            np.testing.assert_allclose(ma.mean, mb.mean, rtol=1e-12, atol=1e-15, err_msg=f"{a.name} {kind}")
+            np.testing.assert_allclose(ma.m2, mb.m2, rtol=1e-12, atol=1e-300, err_msg=f"{a.name} {kind}")
+            assert ma.zeros == mb.zeros and ma.saturated == mb.saturated
+            np.testing.assert_array_equal(ma.unit_max, mb.unit_max)
+
+
+@needs_kernel
+def test_the_portable_loops_without_avx2() -> None:
+    """CPUs without AVX2 (and other architectures) take the vector-extension and scalar loops: the
+    same results, checked in a process where the kernel was told not to use AVX2."""
+    code = textwrap.dedent(
+        """
+        import numpy as np, torch
+        import gradprobe.stats as stats
+        from gradprobe.stats import DeviceMoments, Scratch, as_units
+        assert stats.KERNEL is not None
+        for shape, axis, chunk in [((300, 37), 1, 512), ((256, 40), 1, 4096), ((4, 6, 1000), 1, 100), ((5000,), None, 300)]:
+            x = torch.randn(shape) * 2 + 0.5
+            x[x.abs() < 0.3] = 0.0
+            acc = DeviceMoments(Scratch(chunk))
+            acc.add(x, axis)
+            m = DeviceMoments.unpack([p.double().numpy().reshape(-1) for p in acc.pack()], acc.rows, acc.calls)
+            d = as_units(x.double(), axis)
+            np.testing.assert_allclose(m.mean, d.mean(dim=(0, 2)).numpy(), rtol=1e-13, atol=1e-15)
+            np.testing.assert_allclose(m.unit_var(), d.var(dim=(0, 2), unbiased=False).numpy(), rtol=1e-12)
+            np.testing.assert_array_equal(m.unit_max, d.amax(dim=(0, 2)).numpy())
+            assert m.zeros == int((x == 0).sum())
+        w = torch.randn(1001)
+        s = stats._local_sums(w, Scratch(), with_sum=True)
+        assert abs(s[1].item() - w.double().square().sum().item()) < 1e-9
+        print("ok")
+        """
+    )
+    env = dict(os.environ, GRADPROBE_KERNEL_NO_AVX2="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

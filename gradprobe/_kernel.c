@@ -14,7 +14,9 @@
  * formula, exact to float64 rounding where the tile is summarised); tiles are merged per unit with
  * Chan, Golub and LeVeque's pairwise formula. Accumulation is in float64 throughout.
  *
- * Output layout (float64, 4*U + 2 values): mean[U], M2[U], max[U], min[U], nonzero, saturated.
+ * Output layout (float64, 4*U + 3 values): mean[U], M2[U], max[U], min[U], nonzero, saturated (-1 when
+ * not asked for), -1 (the non-finite count, which this kernel does not take): the packed form of
+ * gradprobe.stats.DeviceMoments, transferred as it is.
  * A unit holding a NaN gets NaN as its maximum and minimum (as torch.amax/amin propagate it).
  */
 #define PY_SSIZE_T_CLEAN
@@ -352,6 +354,211 @@ static void scalar_col_pass2(const float *p, idx rows, idx stride, double m, dou
     *dev = d, *sq = q;
 }
 
+/* ---- one pass (AVX2): shifted sums around a per-unit shift c, the mean of the unit's first k values.
+ * With c the mean of k of the n values, (c − mean)² ≤ M2/k (Cauchy–Schwarz), so
+ * S2 = Σ(x − c)² = M2 + n(c − mean)² ≤ M2·(1 + n/k): M2 = S2 − S1²/n loses at most a factor 1 + n/k
+ * of float64 rounding (k ≥ min(n, 32) rows, or a whole first run of positions), for any data.
+ * Partial sums are folded into the totals every GP_FOLD rows, so no long sequential sums. ---- */
+#ifdef GP_AVX2_PATH
+#define GP_FOLD 256
+#define GP_SHIFT_ROWS 32
+#define GP_BAND 16
+
+/* 16 contiguous units over `rows` rows `stride` apart, one block of rows: the shifted sums are added
+ * to t1 and t2, the extremes kept in hi and lo (float32, exact). In the first block (first != 0) the
+ * shift is set to the mean of its first min(rows, GP_SHIFT_ROWS) rows. */
+GP_AVX2 static void avx_rows16(const float *p, idx rows, idx stride, int first, double *shift, double *t1,
+                               double *t2, float *hi, float *lo, double *nonzero) {
+    if (first) {
+        const idx k = rows < GP_SHIFT_ROWS ? rows : GP_SHIFT_ROWS;
+        __m256d c0 = _mm256_setzero_pd(), c1 = c0, c2 = c0, c3 = c0;
+        for (idx a = 0; a < k; a++) {
+            const __m256 x = _mm256_loadu_ps(p + a * stride), y = _mm256_loadu_ps(p + a * stride + 8);
+            c0 = _mm256_add_pd(c0, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+            c1 = _mm256_add_pd(c1, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+            c2 = _mm256_add_pd(c2, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+            c3 = _mm256_add_pd(c3, _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
+        }
+        const __m256d inv = _mm256_set1_pd(1.0 / (double)k);
+        _mm256_storeu_pd(shift, _mm256_mul_pd(c0, inv)), _mm256_storeu_pd(shift + 4, _mm256_mul_pd(c1, inv));
+        _mm256_storeu_pd(shift + 8, _mm256_mul_pd(c2, inv)), _mm256_storeu_pd(shift + 12, _mm256_mul_pd(c3, inv));
+        for (int u = 0; u < 16; u++) t1[u] = t2[u] = 0.0, hi[u] = -INFINITY, lo[u] = INFINITY;
+    }
+    const __m256d c0 = _mm256_loadu_pd(shift), c1 = _mm256_loadu_pd(shift + 4);
+    const __m256d c2 = _mm256_loadu_pd(shift + 8), c3 = _mm256_loadu_pd(shift + 12);
+    __m256 h0 = _mm256_loadu_ps(hi), h1 = _mm256_loadu_ps(hi + 8), l0 = _mm256_loadu_ps(lo), l1 = _mm256_loadu_ps(lo + 8);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i nz = _mm256_setzero_si256();
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    for (idx a = 0; a < rows; a++) {
+        const float *q = p + a * stride;
+        _mm_prefetch((const char *)(q + 16 * stride), _MM_HINT_T0); /* rows a page apart: no hardware prefetch */
+        const __m256 x = _mm256_loadu_ps(q), y = _mm256_loadu_ps(q + 8);
+        const __m256d e0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), c0);
+        const __m256d e1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), c1);
+        const __m256d e2 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(y)), c2);
+        const __m256d e3 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)), c3);
+        s0 = _mm256_add_pd(s0, e0), s1 = _mm256_add_pd(s1, e1);
+        s2 = _mm256_add_pd(s2, e2), s3 = _mm256_add_pd(s3, e3);
+        q0 = _mm256_fmadd_pd(e0, e0, q0), q1 = _mm256_fmadd_pd(e1, e1, q1);
+        q2 = _mm256_fmadd_pd(e2, e2, q2), q3 = _mm256_fmadd_pd(e3, e3, q3);
+        h0 = _mm256_max_ps(x, h0), h1 = _mm256_max_ps(y, h1);
+        l0 = _mm256_min_ps(x, l0), l1 = _mm256_min_ps(y, l1);
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_NEQ_UQ)));
+    }
+    _mm256_storeu_pd(t1, _mm256_add_pd(_mm256_loadu_pd(t1), s0));
+    _mm256_storeu_pd(t1 + 4, _mm256_add_pd(_mm256_loadu_pd(t1 + 4), s1));
+    _mm256_storeu_pd(t1 + 8, _mm256_add_pd(_mm256_loadu_pd(t1 + 8), s2));
+    _mm256_storeu_pd(t1 + 12, _mm256_add_pd(_mm256_loadu_pd(t1 + 12), s3));
+    _mm256_storeu_pd(t2, _mm256_add_pd(_mm256_loadu_pd(t2), q0));
+    _mm256_storeu_pd(t2 + 4, _mm256_add_pd(_mm256_loadu_pd(t2 + 4), q1));
+    _mm256_storeu_pd(t2 + 8, _mm256_add_pd(_mm256_loadu_pd(t2 + 8), q2));
+    _mm256_storeu_pd(t2 + 12, _mm256_add_pd(_mm256_loadu_pd(t2 + 12), q3));
+    _mm256_storeu_ps(hi, h0), _mm256_storeu_ps(hi + 8, h1), _mm256_storeu_ps(lo, l0), _mm256_storeu_ps(lo + 8, l1);
+    int32_t c[8];
+    _mm256_storeu_si256((__m256i *)c, nz);
+    double z = 0.0;
+    for (int i = 0; i < 8; i++) z += c[i];
+    *nonzero += z;
+}
+
+/* Σ(x − c), Σ(x − c)², max, min and the nonzero count of one contiguous run, added in */
+GP_AVX2 static void avx_run_shifted(const float *p, idx n, double c, double *s1, double *s2, double *hi, double *lo,
+                                    double *nonzero) {
+    const __m256d cv = _mm256_set1_pd(c);
+    __m256d d0 = _mm256_setzero_pd(), d1 = d0, q0 = d0, q1 = d0;
+    __m256 h = _mm256_set1_ps(-INFINITY), l = _mm256_set1_ps(INFINITY);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i nz = _mm256_setzero_si256();
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), cv);
+        const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), cv);
+        d0 = _mm256_add_pd(d0, a), d1 = _mm256_add_pd(d1, b);
+        q0 = _mm256_fmadd_pd(a, a, q0), q1 = _mm256_fmadd_pd(b, b, q1);
+        h = _mm256_max_ps(x, h), l = _mm256_min_ps(x, l);
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
+    }
+    double dd = avx_hsum(_mm256_add_pd(d0, d1)), qq = avx_hsum(_mm256_add_pd(q0, q1));
+    float hv[8], lv[8];
+    int32_t cnt[8];
+    _mm256_storeu_ps(hv, h), _mm256_storeu_ps(lv, l);
+    _mm256_storeu_si256((__m256i *)cnt, nz);
+    float hh = -INFINITY, ll = INFINITY;
+    double z = 0.0;
+    for (int k = 0; k < 8; k++) {
+        hh = hv[k] > hh ? hv[k] : hh;
+        ll = lv[k] < ll ? lv[k] : ll;
+        z += cnt[k];
+    }
+    for (; i < n; i++) {
+        const float x = p[i];
+        const double e = (double)x - c;
+        dd += e;
+        qq += e * e;
+        hh = x > hh ? x : hh;
+        ll = x < ll ? x : ll;
+        z += x != 0.0f;
+    }
+    *s1 += dd;
+    *s2 += qq;
+    *hi = hh > *hi ? hh : *hi;
+    *lo = ll < *lo ? ll : *lo;
+    *nonzero += z;
+}
+
+/* elements with |x − centre| > threshold in a contiguous run (compared in float64, exactly) */
+GP_AVX2 static double avx_count_outside(const float *p, idx n, double centre, double threshold) {
+    const __m256d c = _mm256_set1_pd(centre), th = _mm256_set1_pd(threshold), sign = _mm256_set1_pd(-0.0);
+    __m256i cnt = _mm256_setzero_si256();
+    idx i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        const __m256d a = _mm256_andnot_pd(sign, _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), c));
+        const __m256d b = _mm256_andnot_pd(sign, _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), c));
+        cnt = _mm256_sub_epi64(cnt, _mm256_castpd_si256(_mm256_cmp_pd(a, th, _CMP_GT_OQ)));
+        cnt = _mm256_sub_epi64(cnt, _mm256_castpd_si256(_mm256_cmp_pd(b, th, _CMP_GT_OQ)));
+    }
+    int64_t c4[4];
+    _mm256_storeu_si256((__m256i *)c4, cnt);
+    double total = (double)(c4[0] + c4[1] + c4[2] + c4[3]);
+    for (; i < n; i++) total += fabs((double)p[i] - centre) > threshold;
+    return total;
+}
+
+/* The one-pass float32 statistics of a dense tensor (rows of contiguous units, or contiguous runs
+ * of positions of at least 64); 0 when the layout is not one of those. */
+static int single_pass_f32(Job *j, const float *base) {
+    if (!have_avx2) return 0;
+    const idx A = j->A, U = j->U, B = j->B;
+    if (B == 1 && j->sU == 1 && j->sA == U && U >= 16) {
+        /* blocks of rows of at most ~256 KiB (in L2 while the 16-unit blocks walk across them, so
+         * every page is read in order) and at most GP_FOLD rows (partial sums folded per block) */
+        const idx nv = U - U % 16;
+        double *shift = j->tdev, *t1 = j->tsum, *t2 = j->tsq;
+        for (idx a0 = 0; a0 < A;) {
+            /* bands of GP_BAND rows walked across all units (GP_BAND pages read in order at once);
+             * the first band sets the shifts */
+            const idx band = a0 == 0 ? GP_SHIFT_ROWS : GP_BAND;
+            const idx rows = a0 + band < A ? band : A - a0;
+            for (idx u = 0; u < nv; u += 16)
+                avx_rows16(base + a0 * U + u, rows, U, a0 == 0, shift + u, t1 + u, t2 + u, j->fhi + u, j->flo + u,
+                           &j->nonzero);
+            a0 += rows;
+        }
+        const double n = (double)A;
+        for (idx u = 0; u < nv; u++) {
+            j->mean[u] = shift[u] + t1[u] / n;
+            j->m2[u] = t2[u] - t1[u] * t1[u] / n;
+            j->mx[u] = j->fhi[u], j->mn[u] = j->flo[u];
+        }
+        for (idx u = nv; u < U; u++) {
+            /* the units left over: two passes down the column */
+            double s = 0.0, h = -INFINITY, l = INFINITY, d = 0.0, q = 0.0;
+            scalar_col_pass1(base + u, A, U, &s, &h, &l, &j->nonzero);
+            const double m = s / (double)A;
+            scalar_col_pass2(base + u, A, U, m, &d, &q);
+            j->mean[u] = m, j->m2[u] = q - d * d / (double)A, j->mx[u] = h, j->mn[u] = l;
+        }
+    } else if (j->sB == 1 && j->sU == B && j->sA == U * B && B >= 64) {
+        double *s1 = j->tsum, *s2 = j->tsq;
+        for (idx u = 0; u < U; u++) {
+            const float *p = base + u * B;
+            const idx k = B < 4096 ? B : 4096;
+            double s = 0.0, h = -INFINITY, l = INFINITY, z = 0.0;
+            avx_run_pass1(p, k, &s, &h, &l, &z); /* only the sum is used: the shift */
+            j->tdev[u] = s / (double)k;
+            s1[u] = s2[u] = 0.0, j->mx[u] = -INFINITY, j->mn[u] = INFINITY;
+        }
+        for (idx a = 0; a < A; a++)
+            for (idx u = 0; u < U; u++)
+                avx_run_shifted(base + a * U * B + u * B, B, j->tdev[u], s1 + u, s2 + u, j->mx + u, j->mn + u,
+                                &j->nonzero);
+        const double n = (double)(A * B);
+        for (idx u = 0; u < U; u++) {
+            j->mean[u] = j->tdev[u] + s1[u] / n;
+            j->m2[u] = s2[u] - s1[u] * s1[u] / n;
+        }
+    } else {
+        return 0;
+    }
+    for (idx u = 0; u < U; u++) {
+        if (isnan(j->mean[u])) {
+            /* rare: look for a NaN element (the sum is also NaN for +inf and -inf) */
+            for (idx a = 0; a < A; a++)
+                for (idx b = 0; b < B; b++) {
+                    const float x = base[a * j->sA + u * j->sU + b];
+                    if (isnan(x)) j->mx[u] = j->mn[u] = x;
+                }
+        }
+    }
+    if (j->saturation) j->saturated = avx_count_outside(base, A * U * B, j->centre, j->threshold);
+    return 1;
+}
+#endif
+
 /* The float32 fast paths of a tile; 0 when the layout has none (the generic loops run instead).
  * They fill the tile's per-unit sums (then means), extremes, Σd and Σd², and add to the zero count. */
 static int fast_f32(Job *j, const float *base, idx a0, idx a1, idx u0, idx u1, idx b0, idx b1) {
@@ -422,6 +629,20 @@ static int fast_f32(Job *j, const float *base, idx a0, idx a1, idx u0, idx u1, i
 #else
     (void)j, (void)base, (void)a0, (void)a1, (void)u0, (void)u1, (void)b0, (void)b1;
 #endif
+    return 0;
+}
+
+static int single_f32(Job *j, const float *base) {
+#ifdef GP_AVX2_PATH
+    return single_pass_f32(j, base);
+#else
+    (void)j, (void)base;
+    return 0;
+#endif
+}
+
+static int single_f64(Job *j, const double *base) {
+    (void)j, (void)base;
     return 0;
 }
 
@@ -588,6 +809,7 @@ static void merge_tile(Job *j, idx u0, idx nu, double count) {
     }                                                                                              \
                                                                                                    \
     static void run_##SUFFIX(Job *j, const T *base) {                                              \
+        if (single_##SUFFIX(j, base)) return;                                                      \
         const idx A = j->A, U = j->U, B = j->B, budget = j->budget;                                \
         idx nb, nu, na;                                                                            \
         if (B == 1 && j->sU == 1) {                                                                \
@@ -676,7 +898,8 @@ static PyObject *unit_stats(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     res[4 * U] = j.nonzero;
-    res[4 * U + 1] = j.saturated;
+    res[4 * U + 1] = saturation ? j.saturated : -1.0;
+    res[4 * U + 2] = -1.0;
     free(work);
     Py_RETURN_NONE;
 }

@@ -811,10 +811,10 @@ class _Session:
                 if not acc.empty:
                     tensors = acc.pack()
                     slots.append((st.name, kind, [t.numel() for t in tensors]))
-                    parts.extend(t.reshape(-1) for t in tensors)  # cat() below makes them float64
+                    parts.extend(t if t.dim() == 1 else t.reshape(-1) for t in tensors)  # cat() makes them float64
             for t in param_stats.get(st.name, []):
                 slots.append((st.name, "param", [t.numel()]))
-                parts.append(t.reshape(-1))
+                parts.append(t if t.dim() == 1 else t.reshape(-1))
         device = self.device
         flat = (
             torch.cat([p if p.device == device else p.to(device) for p in parts])

@@ -350,6 +350,9 @@ class _Summary:
     # the host: converting on the device costs four tensor ops per recorded tensor.
     nonzero: torch.Tensor
     saturated: torch.Tensor | None  # 0-d count (int64; float64 holding an exact integer from the kernel)
+    # the kernel's output, already in the packed layout (see DeviceMoments.pack), when this summary
+    # is exactly what the kernel wrote
+    packed: torch.Tensor | None = None
 
     @property
     def zeros(self) -> torch.Tensor:
@@ -578,17 +581,7 @@ def _kernel_can_read(v: torch.Tensor) -> bool:
         and v.layout == torch.strided
         and not v.is_neg()
         and min(v.stride()) >= 0
-        and _within_storage(v)
     )
-
-
-def _within_storage(v: torch.Tensor) -> bool:
-    """Every element the shape and strides address lies inside the tensor's storage (the kernel
-    trusts them: a wrong view here would read outside the allocation)."""
-    if v.numel() == 0:
-        return True
-    last = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride()))
-    return last < v.untyped_storage().nbytes() // v.element_size()
 
 
 def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float] | None) -> _Summary:
@@ -596,9 +589,9 @@ def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float
     a, u, b = v.shape
     if u == 1 and a > 1 and v.is_contiguous():
         v = v.view(1, 1, a * b)  # one unit: a single run, not a column
+    # shape and strides passed are v's own (torch keeps every view inside its storage)
     n_a, _, n_b = v.shape
-    assert _within_storage(v)
-    out = torch.empty(4 * u + 2, dtype=torch.float64)
+    out = torch.empty(4 * u + 3, dtype=torch.float64)
     centre, threshold = saturation if saturation is not None else (0.0, 0.0)
     KERNEL.unit_stats(
         v.data_ptr(),
@@ -621,6 +614,7 @@ def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float
         unit_min=out[3 * u : 4 * u],
         nonzero=out[4 * u],
         saturated=None if saturation is None else out[4 * u + 1],
+        packed=out,
     )
 
 
@@ -780,6 +774,8 @@ class DeviceMoments:
         one concatenation before the transfer, so nothing is converted here."""
         s = self._merge()
         assert s is not None
+        if s.packed is not None and self.nonfinite is None and self.hist is None and self.calls == 1:
+            return [s.packed]  # the kernel wrote this layout (saturated and non-finite −1 unless counted)
         absent = self._scratch.minus_one(s.mean.device)
         parts = [
             s.mean,
@@ -796,6 +792,10 @@ class DeviceMoments:
 
     @staticmethod
     def unpack(parts: list[np.ndarray], rows: int, calls: int) -> Moments:
+        if len(parts) == 1:  # the packed layout in one piece (the kernel's output)
+            flat = parts[0]
+            u = (flat.shape[0] - 3) // 4
+            parts = [flat[k * u : (k + 1) * u] for k in range(4)] + [flat[4 * u + k : 4 * u + k + 1] for k in range(3)]
         mean, m2, unit_max, unit_min, nonzero, saturated_, nonfinite_ = parts[:7]
         hist = parts[7].astype(np.int64) if len(parts) > 7 else None
         finite = np.isfinite(mean) & np.isfinite(m2)

@@ -355,9 +355,37 @@ class _Summary:
     packed: torch.Tensor | None = None
 
     @property
+    def units(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
     def zeros(self) -> torch.Tensor:
         """0-d int64 count of zero elements (a device tensor; for tests and merges)."""
         return (self.rows * self.mean.shape[0] - self.nonzero.to(torch.float64)).to(torch.int64)
+
+
+class _KernelSummary(_Summary):
+    """The C kernel's summary: its packed output (see :meth:`DeviceMoments.pack`); the per-statistic
+    views are made only when something reads them (a merge, a test), not for every tensor."""
+
+    def __init__(self, rows: int, units: int, packed: torch.Tensor, saturation: bool) -> None:
+        self.rows = rows
+        self._units = units
+        self.packed = packed
+        self._saturation = saturation
+
+    @property
+    def units(self) -> int:
+        return self._units
+
+    mean = property(lambda self: self.packed[: self._units])  # type: ignore[assignment]
+    m2 = property(lambda self: self.packed[self._units : 2 * self._units])  # type: ignore[assignment]
+    unit_max = property(lambda self: self.packed[2 * self._units : 3 * self._units])  # type: ignore[assignment]
+    unit_min = property(lambda self: self.packed[3 * self._units : 4 * self._units])  # type: ignore[assignment]
+    nonzero = property(lambda self: self.packed[4 * self._units])  # type: ignore[assignment]
+    saturated = property(  # type: ignore[assignment]
+        lambda self: self.packed[4 * self._units + 1] if self._saturation else None
+    )
 
 
 def _count_saturated(chunk: torch.Tensor, saturation: tuple[float, float]) -> torch.Tensor:
@@ -606,16 +634,7 @@ def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float
         float(centre),
         float(threshold),
     )
-    return _Summary(
-        rows=a * b,
-        mean=out[:u],
-        m2=out[u : 2 * u],
-        unit_max=out[2 * u : 3 * u],
-        unit_min=out[3 * u : 4 * u],
-        nonzero=out[4 * u],
-        saturated=None if saturation is None else out[4 * u + 1],
-        packed=out,
-    )
+    return _KernelSummary(a * b, u, out, saturation is not None)
 
 
 def _merge_summaries(a: _Summary, b: _Summary) -> _Summary:
@@ -695,7 +714,7 @@ class DeviceMoments:
             axis = None
         v = as_units(x.detach(), axis)
         a, u, b = v.shape
-        if self._pending and self._pending[0].mean.shape[0] != u:
+        if self._pending and self._pending[0].units != u:
             # One module, outputs with different numbers of units (torchvision's Bottleneck applies
             # one ReLU to 64- and 256-channel tensors): from now on the stream is one unit. The
             # merge to one unit is exact, so every global statistic stays exact.

@@ -930,7 +930,16 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* info(): which loops run here ("avx2", or "portable": vector extensions and scalar loops) */
+static PyObject *info(PyObject *self, PyObject *args) {
+#ifdef GP_AVX2_PATH
+    if (have_avx2) return PyUnicode_FromString("avx2");
+#endif
+    return PyUnicode_FromString("portable");
+}
+
 static PyMethodDef methods[] = {
+    {"info", info, METH_NOARGS, "Which loops run on this CPU: 'avx2' or 'portable'."},
     {"unit_stats", unit_stats, METH_VARARGS, "Per-unit statistics of a strided (A, U, B) tensor."},
     {"square_sums", square_sums, METH_VARARGS, "Sum and sum of squares of a contiguous tensor."},
     {NULL, NULL, 0, NULL},

@@ -59,8 +59,15 @@ KERNEL: Any = None if os.environ.get("GRADPROBE_KERNEL", "1") == "0" else _kerne
 KERNEL_TILE = 1 << 15
 _KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
 
+
+def kernel_info() -> str:
+    """How the statistics are computed here: ``"C kernel (avx2)"``, ``"C kernel (portable)"``, or
+    ``"PyTorch operations"`` (no kernel built, or ``GRADPROBE_KERNEL=0``)."""
+    return "PyTorch operations" if KERNEL is None else f"C kernel ({KERNEL.info()})"
+
 __all__ = [
     "KERNEL",
+    "kernel_info",
     "CHUNK_ELEMENTS",
     "HIST_EDGES",
     "DeviceMoments",

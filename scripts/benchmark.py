@@ -51,6 +51,7 @@ from torch import nn
 from gradprobe import zoo
 from gradprobe.hooks import select_modules, select_output
 from gradprobe.probing import _Session, probe
+from gradprobe.stats import kernel_info as stats_kernel_info
 
 # --------------------------------------------------------------------------------------------
 # configurations
@@ -333,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "device": str(device),
+            "statistics": stats_kernel_info(),
         },
         "load_before": list(os.getloadavg()),
         "configs": {},
@@ -398,7 +400,8 @@ def markdown(result: dict[str, Any]) -> str:
     memory_unit = "max allocated" if m["device"].startswith("cuda") else "peak RSS"
     lines = [
         f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads, "
-        f"device {m['device']}; load average (1, 5, 15 min) before "
+        f"device {m['device']}, statistics by {m.get('statistics', 'PyTorch operations')}; "
+        f"load average (1, 5, 15 min) before "
         f"{', '.join(f'{v:.1f}' for v in result['load_before'])}, after "
         f"{', '.join(f'{v:.1f}' for v in result['load_after'])}.",
         "",

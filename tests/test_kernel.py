@@ -195,3 +195,11 @@ def test_the_portable_loops_without_avx2() -> None:
     env = dict(os.environ, GRADPROBE_KERNEL_NO_AVX2="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_kernel_info_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "KERNEL", None)
+    assert stats.kernel_info() == "PyTorch operations"
+    if stats._kernel_module is not None:
+        monkeypatch.setattr(stats, "KERNEL", stats._kernel_module)
+        assert stats.kernel_info() in ("C kernel (avx2)", "C kernel (portable)")

@@ -111,6 +111,7 @@ def test_kernel_nonfinite_values_behave_as_torch() -> None:
         np.testing.assert_array_equal(k.unit_max, t.unit_max)
         np.testing.assert_array_equal(k.unit_min, t.unit_min)
         assert k.zeros == int((x == 0).sum()) == 1  # NaN is not a zero
+        assert t.zeros == 2  # the PyTorch path counts it as one (torch.sign(NaN) == 0): documented
         assert k.nonfinite_units == t.nonfinite_units == 2
 
 

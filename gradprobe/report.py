@@ -67,10 +67,11 @@ def _enc_tree(obj: Any) -> Any:
     return obj
 
 
-def _median(values: np.ndarray) -> float:
-    """``np.median`` (NaN if any value is NaN or there is none), without its dispatch overhead."""
+def _median(values: np.ndarray, finite: bool = False) -> float:
+    """``np.median`` (NaN if any value is NaN or there is none), without its dispatch overhead.
+    ``finite``: the caller knows every value is finite (skips the NaN check and numpy's errstate)."""
     n = values.shape[0]
-    if n == 0 or np.isnan(values).any():
+    if n == 0 or (not finite and np.isnan(values).any()):
         return math.nan
     if n == 1:
         return float(values[0])
@@ -78,6 +79,8 @@ def _median(values: np.ndarray) -> float:
     if n % 2:
         return float(np.partition(values, half)[half])
     low, high = np.partition(values, [half - 1, half])[half - 1 : half + 1]
+    if finite:
+        return float((low + high) / 2)
     with np.errstate(invalid="ignore"):  # -inf and +inf: NaN, as np.median gives
         return float((low + high) / 2)
 
@@ -129,7 +132,8 @@ class TensorStats:
             nonfinite=m.nonfinite,
             units=units,
             unit_var_min=float(unit_var.min()) if units else math.nan,
-            unit_var_median=_median(unit_var),
+            # finite M2 and rows > 0: every unit variance is finite
+            unit_var_median=_median(unit_var, finite=m.nonfinite_units == 0 and m.rows > 0),
             unit_var_max=float(unit_var.max()) if units else math.nan,
             dead_units=int(np.count_nonzero(m.unit_max <= 0)),
             saturated_fraction=None if m.saturated is None else m.saturated / count,

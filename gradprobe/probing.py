@@ -733,7 +733,8 @@ class _Session:
             if q.requires_grad and id(q) not in seen:
                 seen.add(id(q))
                 trainable.append(q)
-        grad_sq = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in trainable]
+        # Σ‖∇‖² per parameter over the batches (None until its first gradient)
+        grad_sq: list[torch.Tensor | None] = [None] * len(trainable)
         last_grads: dict[int, torch.Tensor] = {}
         recorder = Recorder(
             self.model,
@@ -767,13 +768,17 @@ class _Session:
                     raise ProbeError(f"backward failed: {e}") from e
                 for i, g in enumerate(grads[: len(trainable)]):
                     if g is not None:
-                        grad_sq[i] = grad_sq[i] + square_sum(g, recorder.scratch)
+                        sq = square_sum(g, recorder.scratch)
+                        before = grad_sq[i]
+                        grad_sq[i] = sq if before is None else before + sq
                         last_grads[id(trainable[i])] = g
             if tracer is not None:
                 self.activations = dict(tracer.found)
-        # Parameter statistics: one small tensor per parameter, transferred with everything else.
+        # Parameter statistics: two small tensors per parameter, [Σw, Σw²] and [‖∇‖² or −1], transferred
+        # with everything else (divided by the size on the host: no tensor op per parameter here).
         index = {id(q): i for i, q in enumerate(trainable)}
         param_stats: dict[str, list[torch.Tensor]] = {}
+        absent = recorder.scratch.minus_one(self.device)
         for raw_name, module in self.model.named_modules():
             name = raw_name or "model"
             if name not in recorder.states:
@@ -783,14 +788,12 @@ class _Session:
                 if p is None:
                     continue
                 q = p if params is None else params[id(p)]
-                # [perf] exact float64 [Σw, Σw²] in cache-sized chunks (gradprobe.stats), one read of
-                # the parameter; [mean, mean square, ‖∇‖² or -1] on the device, no host sync.
-                sums = sum_and_square_sum(q, recorder.scratch).div_(max(1, q.numel()))
+                # [perf] exact float64 [Σw, Σw²] (gradprobe.stats: the C kernel, or cache-sized chunks),
+                # one read of the parameter; no host sync
+                rows.append(sum_and_square_sum(q, recorder.scratch))
                 i = index.get(id(q))
-                gsq = (
-                    grad_sq[i].view(1) if i is not None and id(q) in last_grads else sums.new_full((1,), -1.0)
-                )
-                rows.append(torch.cat([sums.to(self.device), gsq.to(self.device)]))
+                gsq = grad_sq[i] if i is not None and id(q) in last_grads else None
+                rows.append(absent if gsq is None else gsq.view(1))
             if rows:
                 param_stats[name] = rows
         self._batches = len(prepared)
@@ -812,9 +815,10 @@ class _Session:
                     tensors = acc.pack()
                     slots.append((st.name, kind, [t.numel() for t in tensors]))
                     parts.extend(t if t.dim() == 1 else t.reshape(-1) for t in tensors)  # cat() makes them float64
-            for t in param_stats.get(st.name, []):
-                slots.append((st.name, "param", [t.numel()]))
-                parts.append(t if t.dim() == 1 else t.reshape(-1))
+            pairs = param_stats.get(st.name, [])
+            for k in range(0, len(pairs), 2):  # [Σw, Σw²], [‖∇‖² or −1] per parameter
+                slots.append((st.name, "param", [2, 1]))
+                parts.extend(pairs[k : k + 2])
         device = self.device
         flat = (
             torch.cat([p if p.device == device else p.to(device) for p in parts])
@@ -833,7 +837,7 @@ class _Session:
                 chunks.append(flat[pos : pos + n])  # views of one fresh array
                 pos += n
             if kind == "param":
-                pstats.setdefault(name, []).append(chunks[0])
+                pstats.setdefault(name, []).append(flat[pos - 3 : pos])  # Σw, Σw², ‖∇‖²
             else:
                 unpacked[(name, kind)] = chunks
 
@@ -857,7 +861,9 @@ class _Session:
             for pname, p in module._parameters.items():
                 if p is None:
                     continue
-                mean, sq, gsq = (float(v) for v in next(rows))
+                total, square_total, gsq = (float(v) for v in next(rows))
+                size = max(1, p.numel())
+                mean, sq = total / size, square_total / size
                 fan_in, fan_out = module_fans.get(pname, (None, None))
                 params_out.append(
                     ParamRecord(

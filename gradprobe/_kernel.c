@@ -433,6 +433,7 @@ GP_AVX2 static void avx_run_shifted(const float *p, idx n, double c, double *s1,
     __m256i nz = _mm256_setzero_si256();
     idx i = 0;
     for (; i + 8 <= n; i += 8) {
+        if ((i & 15) == 0) _mm_prefetch((const char *)(p + i + 256), _MM_HINT_NTA);
         const __m256 x = _mm256_loadu_ps(p + i);
         const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), cv);
         const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), cv);

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -174,6 +175,10 @@ def _quartiles(values: list[float]) -> list[float]:
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    # Every method starts from a collected heap: Python's cyclic collector would otherwise run a full
+    # (generation-2) pass, ~100 ms in this process, inside whichever call crossed its threshold, often
+    # with garbage that an earlier method left. Each method still pays its own young-generation passes.
+    gc.collect()
     _sync(device)
     start = time.perf_counter()
     fn()

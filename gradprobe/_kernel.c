@@ -41,6 +41,35 @@ typedef struct {
 } Job;
 
 
+/* The end of a one-pass loop over a run: the eight lanes' extremes and counts folded, the values past
+ * the last whole vector (from p[i] on) added to t = Σ(x − shift) and, when sq is given, to
+ * q = Σ(x − shift)², and the run's result merged into *sum, *sq, *hi, *lo, *nonzero. */
+static void run_tail(const float *p, idx i, idx n, double shift, double t, double q, const float *hv,
+                     const float *lv, const int32_t *cnt, double *sum, double *sq, double *hi, double *lo,
+                     double *nonzero) {
+    float h = -INFINITY, l = INFINITY;
+    double z = 0.0;
+    for (int k = 0; k < 8; k++) {
+        h = hv[k] > h ? hv[k] : h;
+        l = lv[k] < l ? lv[k] : l;
+        z += cnt[k];
+    }
+    for (; i < n; i++) {
+        const float x = p[i];
+        const double e = (double)x - shift;
+        t += e;
+        q += e * e;
+        h = x > h ? x : h;
+        l = x < l ? x : l;
+        z += x != 0.0f;
+    }
+    *sum += t;
+    if (sq != NULL) *sq += q;
+    *hi = h > *hi ? h : *hi;
+    *lo = l < *lo ? l : *lo;
+    *nonzero += z;
+}
+
 /* ---- float32 fast paths: 8 floats at a time (GCC/Clang vector extensions; AVX2 clone on x86-64) ---- */
 #if defined(__GNUC__) && !defined(__INTEL_COMPILER)
 #define GP_VECTOR 1
@@ -82,25 +111,10 @@ GP_CLONES static void run_pass1(const float *p, idx n, double *sum, double *hi, 
         nz -= (vi8)(x != zero);
     }
     vd4 s = s0 + s1;
-    double t = (s[0] + s[1]) + (s[2] + s[3]);
-    float h = -INFINITY, l = INFINITY;
-    double z = 0.0;
-    for (int k = 0; k < 8; k++) {
-        h = vh[k] > h ? vh[k] : h;
-        l = vl[k] < l ? vl[k] : l;
-        z += nz[k];
-    }
-    for (; i < n; i++) {
-        const float x = p[i];
-        t += x;
-        h = x > h ? x : h;
-        l = x < l ? x : l;
-        z += x != 0.0f;
-    }
-    *sum += t;
-    *hi = h > *hi ? h : *hi;
-    *lo = l < *lo ? l : *lo;
-    *nonzero += z;
+    float hv[8], lv[8];
+    int32_t c[8];
+    memcpy(hv, &vh, sizeof hv), memcpy(lv, &vl, sizeof lv), memcpy(c, &nz, sizeof c);
+    run_tail(p, i, n, 0.0, (s[0] + s[1]) + (s[2] + s[3]), 0.0, hv, lv, c, sum, NULL, hi, lo, nonzero);
 }
 
 /* pass 2 over a contiguous run: Σd and Σd² with d = x − m */
@@ -260,29 +274,11 @@ GP_AVX2 static void avx_run_pass1(const float *p, idx n, double *sum, double *hi
         h = _mm256_max_ps(x, h), l = _mm256_min_ps(x, l);
         nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
     }
-    double t = avx_hsum(_mm256_add_pd(s0, s1));
     float hv[8], lv[8];
     int32_t c[8];
     _mm256_storeu_ps(hv, h), _mm256_storeu_ps(lv, l);
     _mm256_storeu_si256((__m256i *)c, nz);
-    float hh = -INFINITY, ll = INFINITY;
-    double z = 0.0;
-    for (int k = 0; k < 8; k++) {
-        hh = hv[k] > hh ? hv[k] : hh;
-        ll = lv[k] < ll ? lv[k] : ll;
-        z += c[k];
-    }
-    for (; i < n; i++) {
-        const float x = p[i];
-        t += x;
-        hh = x > hh ? x : hh;
-        ll = x < ll ? x : ll;
-        z += x != 0.0f;
-    }
-    *sum += t;
-    *hi = hh > *hi ? hh : *hi;
-    *lo = ll < *lo ? ll : *lo;
-    *nonzero += z;
+    run_tail(p, i, n, 0.0, avx_hsum(_mm256_add_pd(s0, s1)), 0.0, hv, lv, c, sum, NULL, hi, lo, nonzero);
 }
 
 /* pass 2 over a contiguous run: Σd and Σd² with d = x − m (added) */
@@ -442,32 +438,12 @@ GP_AVX2 static void avx_run_shifted(const float *p, idx n, double c, double *s1,
         h = _mm256_max_ps(x, h), l = _mm256_min_ps(x, l);
         nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
     }
-    double dd = avx_hsum(_mm256_add_pd(d0, d1)), qq = avx_hsum(_mm256_add_pd(q0, q1));
     float hv[8], lv[8];
     int32_t cnt[8];
     _mm256_storeu_ps(hv, h), _mm256_storeu_ps(lv, l);
     _mm256_storeu_si256((__m256i *)cnt, nz);
-    float hh = -INFINITY, ll = INFINITY;
-    double z = 0.0;
-    for (int k = 0; k < 8; k++) {
-        hh = hv[k] > hh ? hv[k] : hh;
-        ll = lv[k] < ll ? lv[k] : ll;
-        z += cnt[k];
-    }
-    for (; i < n; i++) {
-        const float x = p[i];
-        const double e = (double)x - c;
-        dd += e;
-        qq += e * e;
-        hh = x > hh ? x : hh;
-        ll = x < ll ? x : ll;
-        z += x != 0.0f;
-    }
-    *s1 += dd;
-    *s2 += qq;
-    *hi = hh > *hi ? hh : *hi;
-    *lo = ll < *lo ? ll : *lo;
-    *nonzero += z;
+    run_tail(p, i, n, c, avx_hsum(_mm256_add_pd(d0, d1)), avx_hsum(_mm256_add_pd(q0, q1)), hv, lv, cnt, s1, s2, hi, lo,
+             nonzero);
 }
 
 /* elements with |x − centre| > threshold in a contiguous run (compared in float64, exactly) */
@@ -778,7 +754,7 @@ static void merge_tile(Job *j, idx u0, idx nu, double count) {
         const idx nu = u1 - u0, nb = b1 - b0;                                                      \
         const idx sA = j->sA, sU = j->sU, sB = j->sB;                                              \
         const double count = (double)((a1 - a0) * nb);                                             \
-        double *tsum = j->tsum, *tmax = j->tmax, *tmin = j->tmin, *tdev = j->tdev, *tsq = j->tsq; \
+        double *tsum = j->tsum, *tmax = j->tmax, *tmin = j->tmin;                              \
         if (j->saturation) {                                                                       \
             const double c = j->centre, th = j->threshold;                                         \
             double sat = 0.0;                                                                      \

@@ -198,67 +198,6 @@ GP_AVX2 static inline double avx_hsum(__m256d v) {
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-/* pass 1 down 16 contiguous units (one cache line of floats) over `rows` rows `stride` apart */
-GP_AVX2 static void avx_col_pass1(const float *p, idx rows, idx stride, double *sum, double *hi,
-                                  double *lo, double *nonzero) {
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-    __m256 h0 = _mm256_set1_ps(-INFINITY), h1 = h0, l0 = _mm256_set1_ps(INFINITY), l1 = l0;
-    const __m256 zero = _mm256_setzero_ps();
-    __m256i nz = _mm256_setzero_si256();
-    for (idx a = 0; a < rows; a++) {
-        const float *q = p + a * stride;
-        _mm_prefetch((const char *)(q + 32 * stride), _MM_HINT_T0);
-        const __m256 x = _mm256_loadu_ps(q), y = _mm256_loadu_ps(q + 8);
-        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-        s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
-        s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
-        h0 = _mm256_max_ps(x, h0), h1 = _mm256_max_ps(y, h1);
-        l0 = _mm256_min_ps(x, l0), l1 = _mm256_min_ps(y, l1);
-        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
-        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_NEQ_UQ)));
-    }
-    _mm256_storeu_pd(sum, s0), _mm256_storeu_pd(sum + 4, s1);
-    _mm256_storeu_pd(sum + 8, s2), _mm256_storeu_pd(sum + 12, s3);
-    _mm256_storeu_pd(hi, _mm256_cvtps_pd(_mm256_castps256_ps128(h0)));
-    _mm256_storeu_pd(hi + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(h0, 1)));
-    _mm256_storeu_pd(hi + 8, _mm256_cvtps_pd(_mm256_castps256_ps128(h1)));
-    _mm256_storeu_pd(hi + 12, _mm256_cvtps_pd(_mm256_extractf128_ps(h1, 1)));
-    _mm256_storeu_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(l0)));
-    _mm256_storeu_pd(lo + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(l0, 1)));
-    _mm256_storeu_pd(lo + 8, _mm256_cvtps_pd(_mm256_castps256_ps128(l1)));
-    _mm256_storeu_pd(lo + 12, _mm256_cvtps_pd(_mm256_extractf128_ps(l1, 1)));
-    int32_t c[8];
-    _mm256_storeu_si256((__m256i *)c, nz);
-    double z = 0.0;
-    for (int k = 0; k < 8; k++) z += c[k];
-    *nonzero += z;
-}
-
-/* pass 2 down 16 contiguous units: Σd and Σd² around the per-unit means (written, not added) */
-GP_AVX2 static void avx_col_pass2(const float *p, idx rows, idx stride, const double *mean,
-                                  double *dev, double *sq) {
-    const __m256d m0 = _mm256_loadu_pd(mean), m1 = _mm256_loadu_pd(mean + 4);
-    const __m256d m2 = _mm256_loadu_pd(mean + 8), m3 = _mm256_loadu_pd(mean + 12);
-    __m256d d0 = _mm256_setzero_pd(), d1 = d0, d2 = d0, d3 = d0, q0 = d0, q1 = d0, q2 = d0, q3 = d0;
-    for (idx a = 0; a < rows; a++) {
-        const float *q = p + a * stride;
-        const __m256 x = _mm256_loadu_ps(q), y = _mm256_loadu_ps(q + 8);
-        const __m256d e0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), m0);
-        const __m256d e1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), m1);
-        const __m256d e2 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(y)), m2);
-        const __m256d e3 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)), m3);
-        d0 = _mm256_add_pd(d0, e0), d1 = _mm256_add_pd(d1, e1);
-        d2 = _mm256_add_pd(d2, e2), d3 = _mm256_add_pd(d3, e3);
-        q0 = _mm256_fmadd_pd(e0, e0, q0), q1 = _mm256_fmadd_pd(e1, e1, q1);
-        q2 = _mm256_fmadd_pd(e2, e2, q2), q3 = _mm256_fmadd_pd(e3, e3, q3);
-    }
-    _mm256_storeu_pd(dev, d0), _mm256_storeu_pd(dev + 4, d1);
-    _mm256_storeu_pd(dev + 8, d2), _mm256_storeu_pd(dev + 12, d3);
-    _mm256_storeu_pd(sq, q0), _mm256_storeu_pd(sq + 4, q1);
-    _mm256_storeu_pd(sq + 8, q2), _mm256_storeu_pd(sq + 12, q3);
-}
-
 /* pass 1 over a contiguous run (added into *sum, *hi, *lo, *nonzero) */
 GP_AVX2 static void avx_run_pass1(const float *p, idx n, double *sum, double *hi, double *lo,
                                   double *nonzero) {
@@ -465,12 +404,12 @@ GP_AVX2 static double avx_count_outside(const float *p, idx n, double centre, do
     return total;
 }
 
-/* The one-pass float32 statistics of a dense tensor (rows of contiguous units, or contiguous runs
- * of positions of at least 64); 0 when the layout is not one of those. */
+/* The one-pass float32 statistics of rows of contiguous units (any row stride), or of a dense tensor
+ * of contiguous runs of positions of at least 64; 0 when the layout is neither. */
 static int single_pass_f32(Job *j, const float *base) {
     if (!have_avx2) return 0;
     const idx A = j->A, U = j->U, B = j->B;
-    if (B == 1 && j->sU == 1 && j->sA == U && U >= 16) {
+    if (B == 1 && j->sU == 1 && U >= 16) {
         /* blocks of rows of at most ~256 KiB (in L2 while the 16-unit blocks walk across them, so
          * every page is read in order) and at most GP_FOLD rows (partial sums folded per block) */
         const idx nv = U - U % 16;
@@ -481,8 +420,8 @@ static int single_pass_f32(Job *j, const float *base) {
             const idx band = a0 == 0 ? GP_SHIFT_ROWS : GP_BAND;
             const idx rows = a0 + band < A ? band : A - a0;
             for (idx u = 0; u < nv; u += 16)
-                avx_rows16(base + a0 * U + u, rows, U, a0 == 0, shift + u, t1 + u, t2 + u, j->fhi + u, j->flo + u,
-                           &j->nonzero);
+                avx_rows16(base + a0 * j->sA + u, rows, j->sA, a0 == 0, shift + u, t1 + u, t2 + u, j->fhi + u,
+                           j->flo + u, &j->nonzero);
             a0 += rows;
         }
         const double n = (double)A;
@@ -494,9 +433,9 @@ static int single_pass_f32(Job *j, const float *base) {
         for (idx u = nv; u < U; u++) {
             /* the units left over: two passes down the column */
             double s = 0.0, h = -INFINITY, l = INFINITY, d = 0.0, q = 0.0;
-            scalar_col_pass1(base + u, A, U, &s, &h, &l, &j->nonzero);
+            scalar_col_pass1(base + u, A, j->sA, &s, &h, &l, &j->nonzero);
             const double m = s / (double)A;
-            scalar_col_pass2(base + u, A, U, m, &d, &q);
+            scalar_col_pass2(base + u, A, j->sA, m, &d, &q);
             j->mean[u] = m, j->m2[u] = q - d * d / (double)A, j->mx[u] = h, j->mn[u] = l;
         }
     } else if (j->sB == 1 && j->sU == B && j->sA == U * B && B >= 64) {
@@ -531,7 +470,13 @@ static int single_pass_f32(Job *j, const float *base) {
                 }
         }
     }
-    if (j->saturation) j->saturated = avx_count_outside(base, A * U * B, j->centre, j->threshold);
+    if (j->saturation) {
+        if (j->sA == U * B) { /* dense: one run */
+            j->saturated = avx_count_outside(base, A * U * B, j->centre, j->threshold);
+        } else { /* rows of contiguous units, further apart */
+            for (idx a = 0; a < A; a++) j->saturated += avx_count_outside(base + a * j->sA, U, j->centre, j->threshold);
+        }
+    }
     return 1;
 }
 #endif
@@ -547,31 +492,12 @@ static int fast_f32(Job *j, const float *base, idx a0, idx a1, idx u0, idx u1, i
         /* units contiguous along a row: blocks of units down the rows, then the units left over */
         const idx rows = a1 - a0;
         const float *p = base + a0 * sA + b0 * sB + u0;
-        idx width = 8;
-#ifdef GP_AVX2_PATH
-        if (have_avx2 && nu >= 16) width = 16;
-#endif
-        const idx nv = nu - nu % width;
-        for (idx u = 0; u < nv; u += width) {
-#ifdef GP_AVX2_PATH
-            if (width == 16) {
-                avx_col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
-                continue;
-            }
-#endif
-            col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
-        }
+        /* (with AVX2, rows of at least 16 units take the one-pass path and never reach the tiles) */
+        const idx nv = nu - nu % 8;
+        for (idx u = 0; u < nv; u += 8) col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
         for (idx u = nv; u < nu; u++) scalar_col_pass1(p + u, rows, sA, tsum + u, tmax + u, tmin + u, &j->nonzero);
         for (idx u = 0; u < nu; u++) tsum[u] /= count;
-        for (idx u = 0; u < nv; u += width) {
-#ifdef GP_AVX2_PATH
-            if (width == 16) {
-                avx_col_pass2(p + u, rows, sA, tsum + u, tdev + u, tsq + u);
-                continue;
-            }
-#endif
-            col_pass2(p + u, rows, sA, tsum + u, tdev + u, tsq + u);
-        }
+        for (idx u = 0; u < nv; u += 8) col_pass2(p + u, rows, sA, tsum + u, tdev + u, tsq + u);
         for (idx u = nv; u < nu; u++) scalar_col_pass2(p + u, rows, sA, tsum[u], tdev + u, tsq + u);
         return 1;
     }

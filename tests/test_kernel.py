@@ -89,10 +89,14 @@ def test_kernel_reads_views_in_place() -> None:
         d = as_units(x.contiguous().double(), axis)
         k = _summary(x, axis, kernel=True, chunk=64)
         np.testing.assert_allclose(k.unit_var(), d.var(dim=(0, 2), unbiased=False).numpy(), rtol=1e-12)
-    sliced = torch.randn(10, 50)[:, 5:45]  # rows 50 apart, 40 units
+    sliced = (torch.randn(40, 50) * 2)[:, 5:45]  # rows 50 apart, 40 units: the one-pass rows loop, any stride
     assert not sliced.is_contiguous()
     k = _summary(sliced, 1, kernel=True)
-    np.testing.assert_allclose(k.mean, sliced.double().mean(0).numpy(), rtol=1e-13, atol=1e-15)
+    d = sliced.double()
+    np.testing.assert_allclose(k.mean, d.mean(0).numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(k.unit_var(), d.var(0, unbiased=False).numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(k.unit_max, d.amax(0).numpy())
+    assert k.saturated == int((d.abs() > 2.0).sum())  # counted row by row: the rows are not adjacent
 
 
 @needs_kernel

@@ -515,6 +515,56 @@ def _moments(act: Activation, x: np.ndarray, w: np.ndarray) -> ActivationMoments
     )
 
 
+def _closed_form_moments(
+    act: Activation, mean: float, gaussian_variance: float, uniform_halfwidth: float
+) -> ActivationMoments | None:
+    """Exact moments for the piecewise-linear activations through 0 (identity, relu, leaky_relu)
+    when ``X = U + G`` is centred (``mean == 0``: every affine output), else None (quadrature).
+
+    ``X`` is then symmetric, so ``relu(X)² `` and ``relu(−X)²`` share ``E[X²]`` equally and
+    ``P(X > 0) = 1/2``: ``E[relu(X)²] = E[X²]/2``, ``E[relu'(X)] = E[relu'(X)²] = 1/2``. The one
+    integral left is ``E[relu(X)] = E|X|/2``; with ``t = a/σ`` (``a`` the uniform half-width, ``σ``
+    the Gaussian's standard deviation),
+    ``E[relu(U + G)] = σ·((t² + 1)·erf(t/√2)/2 + t·φ(t)) / (2t)`` (integrating
+    ``E[relu(u + G)] = uΦ(u/σ) + σφ(u/σ)`` over ``u ∈ [−a, a]``), which is ``σ/√(2π)`` at ``a = 0``
+    and ``a/4`` at ``σ = 0``. leaky_relu with slope ``α``: ``relu(x) − α·relu(−x)``. The same numbers
+    as the quadrature (to ~1e-15; ``tests/test_theory.py``), in microseconds instead of ~0.4 ms.
+    """
+    if mean != 0.0 or act.name not in ("identity", "relu", "leaky_relu"):
+        return None
+    a = float(uniform_halfwidth)
+    second = gaussian_variance + a * a / 3.0
+    sigma = math.sqrt(gaussian_variance)
+    if second <= _TINY_VARIANCE:  # the limit q → 0⁺, as the quadrature takes it
+        second, a, sigma = _TINY_VARIANCE, 0.0, math.sqrt(_TINY_VARIANCE)
+    if act.name == "identity":
+        return ActivationMoments(0.0, second, 1.0, 1.0)
+    slope = float(act.param or 0.0) if act.name == "leaky_relu" else 0.0
+    if a == 0.0:
+        half_abs = sigma * _INV_SQRT_2PI
+    elif sigma == 0.0:
+        half_abs = a / 4.0
+    else:
+        t = a / sigma
+        half_abs = sigma * ((t * t + 1.0) * math.erf(t / _SQRT2) / 2.0 + t * _INV_SQRT_2PI * math.exp(-0.5 * t * t)) / (2.0 * t)
+    return ActivationMoments(
+        mean=(1.0 - slope) * half_abs,
+        second_moment=(1.0 + slope * slope) * second / 2.0,
+        derivative_second_moment=(1.0 + slope * slope) / 2.0,
+        derivative_mean=(1.0 + slope) / 2.0,
+    )
+
+
+def _law_moments(
+    act: Activation, mean: float, gaussian_variance: float, uniform_halfwidth: float
+) -> ActivationMoments:
+    """Moments of ``phi(mean + U + G)``: in closed form where there is one, else by quadrature."""
+    exact = _closed_form_moments(act, mean, gaussian_variance, uniform_halfwidth)
+    if exact is not None:
+        return exact
+    return _moments(act, *_input_rule(act, mean, gaussian_variance, uniform_halfwidth))
+
+
 def activation_moments(act: Activation | str, q_z: float, mean: float = 0.0) -> ActivationMoments:
     """``E[phi(X)]``, ``E[phi(X)²]``, ``E[phi'(X)²]`` and ``E[phi'(X)]`` for ``X ~ N(mean, q_z)``.
 
@@ -524,7 +574,7 @@ def activation_moments(act: Activation | str, q_z: float, mean: float = 0.0) -> 
     """
     activation = _resolve(act)
     q_z = _check_variance(q_z, "q_z")
-    return _moments(activation, *_input_rule(activation, float(mean), q_z, 0.0))
+    return _law_moments(activation, float(mean), q_z, 0.0)
 
 
 def preactivation_variance(q_in_second_moment: float, sigma_w2: float, sigma_b2: float) -> float:
@@ -808,9 +858,7 @@ def predict_chain(
             backward_factors.append(layer.fan_out * layer.weight_var)
         else:
             activation = get_activation(layer.activation, layer.param)
-            moments = _moments(
-                activation, *_input_rule(activation, law.mean, law.gaussian_var, law.uniform_halfwidth)
-            )
+            moments = _law_moments(activation, law.mean, law.gaussian_var, law.uniform_halfwidth)
             second_moment = moments.second_moment
             law = _InputLaw(moments.mean, max(moments.variance, 0.0))
             forward.append((second_moment, moments.mean))

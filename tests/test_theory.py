@@ -61,6 +61,29 @@ def test_relu_closed_forms(q: float) -> None:
     assert q_map("relu", q) == pytest.approx(q / 2, rel=1e-12)
 
 
+@pytest.mark.parametrize(("name", "param"), [("relu", None), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("identity", None)])
+def test_closed_form_fast_path_equals_the_quadrature(name: str, param: float | None) -> None:
+    """Centred inputs (every affine output) to relu/leaky_relu/identity take closed forms
+    (``theory._closed_form_moments``); the composite quadrature they replace must give the same numbers,
+    for Gaussian, uniform and mixed inputs across scales (uniform biases: PyTorch's default init)."""
+    from gradprobe import theory
+
+    act = get_activation(name, param)
+    for gaussian_var in (0.0, 1e-300, 1e-8, 0.01, 1.0, 3.7, 1e4):
+        for halfwidth in (0.0, 1e-9, 1e-4, 0.03, 0.5, 2.0, 30.0):
+            fast = theory._closed_form_moments(act, 0.0, gaussian_var, halfwidth)
+            assert fast is not None
+            slow = theory._moments(act, *theory._input_rule(act, 0.0, gaussian_var, halfwidth))
+            scale = math.sqrt(slow.second_moment)
+            assert fast.mean == pytest.approx(slow.mean, rel=1e-12, abs=1e-14 * scale)
+            assert fast.second_moment == pytest.approx(slow.second_moment, rel=1e-12)
+            assert fast.derivative_second_moment == pytest.approx(slow.derivative_second_moment, rel=1e-12)
+            assert fast.derivative_mean == pytest.approx(slow.derivative_mean, rel=1e-12)
+    # off-centre inputs and other activations keep the quadrature
+    assert theory._closed_form_moments(act, 0.3, 1.0, 0.5) is None
+    assert theory._closed_form_moments(get_activation("tanh"), 0.0, 1.0, 0.5) is None
+
+
 @pytest.mark.parametrize("mean", [-1.3, -0.2, 0.3, 2.0])
 def test_relu_off_centre_closed_forms(mean: float) -> None:
     # X ~ N(m, 1): E[relu X] = m Φ(m) + φ(m), E[relu² X] = (m² + 1) Φ(m) + m φ(m), E[relu'(X)²] = Φ(m).

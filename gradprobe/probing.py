@@ -830,8 +830,17 @@ class _Session:
         )
         unpacked: dict[tuple[str, str], list[np.ndarray]] = {}
         pstats: dict[str, list[np.ndarray]] = {}
+        # summaries in the kernel's packed layout (one part): built all at once (TensorStats.from_packed)
+        packed_keys: list[tuple[str, str]] = []
+        packed_entries: list[tuple[int, int, int, int, int]] = []
         pos = 0
         for name, kind, sizes in slots:
+            if kind != "param" and len(sizes) == 1:
+                acc = states[name].act if kind == "act" else states[name].grad
+                packed_keys.append((name, kind))
+                packed_entries.append(
+                    (pos, (sizes[0] - 3) // 4, acc.rows, acc.calls, states[name].elements_per_sample)
+                )
             chunks = []
             for n in sizes:
                 chunks.append(flat[pos : pos + n])  # views of one fresh array
@@ -840,18 +849,20 @@ class _Session:
                 pstats.setdefault(name, []).append(flat[pos - 3 : pos])  # Σw, Σw², ‖∇‖²
             else:
                 unpacked[(name, kind)] = chunks
+        built = dict(zip(packed_keys, TensorStats.from_packed(flat, packed_entries)))
 
         modules = dict(self.model.named_modules())
         layers: list[LayerRecord] = []
         for st in ordered:
             module = modules["" if st.name == "model" else st.name]
             eps = st.elements_per_sample
-            act = grad = None
-            if not st.act.empty:
+            act = built.get((st.name, "act"))
+            if act is None and not st.act.empty:
                 act = TensorStats.from_moments(
                     DeviceMoments.unpack(unpacked[(st.name, "act")], st.act.rows, st.act.calls), eps
                 )
-            if not st.grad.empty:
+            grad = built.get((st.name, "grad"))
+            if grad is None and not st.grad.empty:
                 grad = TensorStats.from_moments(
                     DeviceMoments.unpack(unpacked[(st.name, "grad")], st.grad.rows, st.grad.calls), eps
                 )

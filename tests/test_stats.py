@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,53 @@ def test_histogram_bins_match_direct_binning() -> None:
         hist[side - 1 - k] == 1
         and hist[side - 1 - int(np.searchsorted(HIST_EDGES, 1.0, side="right") - 1)] == 1
     )
+
+
+def test_batched_report_statistics_equal_the_per_tensor_ones() -> None:
+    """TensorStats.from_packed (every recorded tensor of a probe at once) against from_moments per
+    tensor: every field, on summaries with saturation counts, dead units, one unit, a 1e4 offset,
+    zeros; a summary holding NaN or inf is handed back (None) for the per-tensor path."""
+    from gradprobe.report import TensorStats
+
+    gen = torch.Generator().manual_seed(3)
+    relu = torch.relu(torch.randn(64, 40, generator=gen))
+    relu[:, :5] = 0.0  # dead units
+    cases = [
+        (relu, 1, None),
+        (torch.tanh(3 * torch.randn(32, 24, 5, generator=gen)), 1, (0.0, 0.9486832980505138)),
+        (1e4 + torch.randn(100, 7, generator=gen), 1, None),
+        (torch.randn(50, generator=gen), None, None),
+        (torch.randn(9, 3, 4, generator=gen), 1, None),
+    ]
+    nan = torch.randn(16, 8, generator=gen)
+    nan[2, 3] = float("nan")
+    inf = torch.randn(16, 8, generator=gen)
+    inf[1, 1] = float("inf")
+    cases += [(nan, 1, None), (inf, 1, None)]
+    parts, entries, expected = [], [], []
+    offset = 0
+    for x, axis, saturation in cases:
+        acc = DeviceMoments(Scratch())
+        acc.add(x, axis, saturation)
+        flat = np.concatenate([p.detach().double().numpy().reshape(-1) for p in acc.pack()])
+        eps = max(1, x.numel() // x.shape[0])
+        expected.append(TensorStats.from_moments(DeviceMoments.unpack([flat.copy()], acc.rows, acc.calls), eps))
+        entries.append((offset, (flat.shape[0] - 3) // 4, acc.rows, acc.calls, eps))
+        parts.append(flat)
+        offset += flat.shape[0]
+    built = TensorStats.from_packed(np.concatenate(parts), entries)
+    assert built[-2] is None and built[-1] is None  # non-finite: the per-tensor path
+    assert all(b is not None for b in built[:-2])
+    fields = [f for f in TensorStats.__dataclass_fields__ if f != "moments"] + ["signal_var"]
+    for b, e in zip(built[:-2], expected):
+        for f in fields:
+            got, want = getattr(b, f), getattr(e, f)
+            if isinstance(want, float):
+                assert got == want or (math.isnan(got) and math.isnan(want)), f  # bit-equal: JSON round trip
+            else:
+                assert got == want, f
+        for f in ("rows", "zeros", "saturated", "nonfinite_units", "nonfinite", "calls"):
+            assert getattr(b.moments, f) == getattr(e.moments, f), f
+        for f in ("mean", "m2", "unit_max", "unit_min"):
+            np.testing.assert_array_equal(getattr(b.moments, f), getattr(e.moments, f))
+    assert expected[0].dead_units >= 5 and expected[1].saturated_fraction > 0

@@ -404,8 +404,89 @@ GP_AVX2 static double avx_count_outside(const float *p, idx n, double centre, do
     return total;
 }
 
+/* A dense tensor of short runs (8 <= B < 64 positions per unit: late convolution stages, 4x4 or 7x7),
+ * in one pass: run (a, u) adds into unit u's own lane accumulators (4 float64 lanes for Σ(x − c) and
+ * Σ(x − c)², 8 float32 lanes for the extremes), c = the mean of the unit's first run (so S2 <= M2·(1 + A),
+ * as above); positions past the last whole vector go to per-unit scalars; lanes are folded into the
+ * totals every GP_FOLD samples. 0 when the scratch cannot be allocated (the caller takes another path). */
+GP_AVX2 static int avx_short_runs(Job *j, const float *base) {
+    const idx A = j->A, U = j->U, B = j->B, nv = B - B % 8;
+    double *acc = (double *)aligned_alloc(32, (size_t)U * 8 * sizeof(double));
+    float *ext = (float *)aligned_alloc(32, (size_t)U * 16 * sizeof(float));
+    if (!acc || !ext) {
+        free(acc), free(ext);
+        return 0;
+    }
+    double *c = j->tdev, *t1 = j->tsum, *t2 = j->tsq;
+    for (idx u = 0; u < U; u++) {
+        double s = 0.0;
+        for (idx b = 0; b < B; b++) s += base[u * B + b];
+        c[u] = s / (double)B, t1[u] = t2[u] = 0.0;
+        for (int k = 0; k < 8; k++) acc[u * 8 + k] = 0.0, ext[u * 16 + k] = -INFINITY, ext[u * 16 + 8 + k] = INFINITY;
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i nz = _mm256_setzero_si256();
+    double tail_nz = 0.0;
+    for (idx a0 = 0; a0 < A; a0 += GP_FOLD) {
+        const idx a1 = a0 + GP_FOLD < A ? a0 + GP_FOLD : A;
+        for (idx a = a0; a < a1; a++) {
+            const float *row = base + a * U * B;
+            for (idx u = 0; u < U; u++) {
+                const float *p = row + u * B;
+                const __m256d cv = _mm256_set1_pd(c[u]);
+                __m256d d = _mm256_load_pd(acc + u * 8), q = _mm256_load_pd(acc + u * 8 + 4);
+                __m256 h = _mm256_load_ps(ext + u * 16), l = _mm256_load_ps(ext + u * 16 + 8);
+                for (idx i = 0; i < nv; i += 8) {
+                    const __m256 x = _mm256_loadu_ps(p + i);
+                    const __m256d e = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), cv);
+                    const __m256d f = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), cv);
+                    d = _mm256_add_pd(d, _mm256_add_pd(e, f));
+                    q = _mm256_fmadd_pd(e, e, _mm256_fmadd_pd(f, f, q));
+                    h = _mm256_max_ps(x, h), l = _mm256_min_ps(x, l);
+                    nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_NEQ_UQ)));
+                }
+                _mm256_store_pd(acc + u * 8, d), _mm256_store_pd(acc + u * 8 + 4, q);
+                _mm256_store_ps(ext + u * 16, h), _mm256_store_ps(ext + u * 16 + 8, l);
+                for (idx i = nv; i < B; i++) {
+                    const float x = p[i];
+                    const double e = (double)x - c[u];
+                    t1[u] += e, t2[u] += e * e;
+                    ext[u * 16] = x > ext[u * 16] ? x : ext[u * 16];
+                    ext[u * 16 + 8] = x < ext[u * 16 + 8] ? x : ext[u * 16 + 8];
+                    tail_nz += x != 0.0f;
+                }
+            }
+        }
+        for (idx u = 0; u < U; u++) { /* fold the lanes into the totals */
+            double *v = acc + u * 8;
+            t1[u] += (v[0] + v[1]) + (v[2] + v[3]);
+            t2[u] += (v[4] + v[5]) + (v[6] + v[7]);
+            for (int k = 0; k < 8; k++) v[k] = 0.0;
+        }
+        int32_t cnt[8];
+        _mm256_storeu_si256((__m256i *)cnt, nz);
+        for (int k = 0; k < 8; k++) j->nonzero += cnt[k];
+        nz = _mm256_setzero_si256();
+    }
+    j->nonzero += tail_nz;
+    const double n = (double)(A * B);
+    for (idx u = 0; u < U; u++) {
+        float h = -INFINITY, l = INFINITY;
+        for (int k = 0; k < 8; k++) {
+            h = ext[u * 16 + k] > h ? ext[u * 16 + k] : h;
+            l = ext[u * 16 + 8 + k] < l ? ext[u * 16 + 8 + k] : l;
+        }
+        j->mean[u] = c[u] + t1[u] / n;
+        j->m2[u] = t2[u] - t1[u] * t1[u] / n;
+        j->mx[u] = h, j->mn[u] = l;
+    }
+    free(acc), free(ext);
+    return 1;
+}
+
 /* The one-pass float32 statistics of rows of contiguous units (any row stride), or of a dense tensor
- * of contiguous runs of positions of at least 64; 0 when the layout is neither. */
+ * of contiguous runs of positions (of at least 64, or short runs of 8 to 63); 0 when the layout is
+ * neither. */
 static int single_pass_f32(Job *j, const float *base) {
     if (!have_avx2) return 0;
     const idx A = j->A, U = j->U, B = j->B;
@@ -457,6 +538,8 @@ static int single_pass_f32(Job *j, const float *base) {
             j->mean[u] = j->tdev[u] + s1[u] / n;
             j->m2[u] = s2[u] - s1[u] * s1[u] / n;
         }
+    } else if (j->sB == 1 && j->sU == B && j->sA == U * B && B >= 8 && A >= 1) {
+        if (!avx_short_runs(j, base)) return 0;
     } else {
         return 0;
     }

@@ -55,6 +55,12 @@ LAYOUTS = [
     ((3, 5, 7), 1, 16),
     ((5000,), None, 300),
     ((1, 19), 1, 64),
+    # short runs (8 to 63 positions: late convolution stages): whole vectors, a tail, lane folds
+    ((32, 64, 4, 4), 1, stats.KERNEL_TILE),
+    ((300, 5, 3, 3), 1, stats.KERNEL_TILE),
+    ((2, 3, 7, 7), 1, stats.KERNEL_TILE),
+    ((4, 5, 8), 1, stats.KERNEL_TILE),
+    ((3, 4, 63), 1, stats.KERNEL_TILE),
 ]
 
 
@@ -103,7 +109,7 @@ def test_kernel_reads_views_in_place() -> None:
 def test_kernel_nonfinite_values_behave_as_torch() -> None:
     """NaN makes the unit's extremes NaN (torch.amax propagates it) and is not a zero; ±inf are
     extremes; the sums of such units are not finite, so the units are flagged."""
-    for shape, axis in (((40, 24), 1), ((6, 3, 40), 1)):
+    for shape, axis in (((40, 24), 1), ((6, 3, 40), 1), ((6, 3, 3, 3), 1)):
         x = torch.randn(shape)
         v = as_units(x, axis)
         v[2, 1, 0] = float("nan")
@@ -126,6 +132,10 @@ def test_large_mean_small_spread_through_tall_tiles() -> None:
     x = (torch.randn(6000, 48, generator=g) + 1e4).float()
     k = _summary(x, 1, kernel=True, chunk=500)
     np.testing.assert_allclose(k.unit_var(), x.double().var(dim=0, unbiased=False).numpy(), rtol=1e-10)
+    short = (torch.randn(700, 6, 4, 4, generator=g) + 1e4).float()  # short runs: shifted sums
+    k = _summary(short, 1, kernel=True)
+    d = as_units(short.double(), 1)
+    np.testing.assert_allclose(k.unit_var(), d.var(dim=(0, 2), unbiased=False).numpy(), rtol=1e-10)
 
 
 @needs_kernel

@@ -916,6 +916,54 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* square_sums_many(items, out): square_sums over many tensors in one call (a model's parameters, their
+ * gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k. */
+static PyObject *square_sums_many(PyObject *self, PyObject *args) {
+    PyObject *items;
+    unsigned long long out;
+    if (!PyArg_ParseTuple(args, "OK", &items, &out)) return NULL;
+    PyObject *seq = PySequence_Fast(items, "square_sums_many: items must be a sequence");
+    if (seq == NULL) return NULL;
+    const idx k = PySequence_Fast_GET_SIZE(seq);
+    typedef struct {
+        unsigned long long data;
+        int dtype;
+        idx n;
+    } Item;
+    Item *list = (Item *)malloc(sizeof(Item) * (size_t)(k > 0 ? k : 1));
+    if (list == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (idx i = 0; i < k; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyArg_ParseTuple(it, "Kin", &list[i].data, &list[i].dtype, &list[i].n) || list[i].n < 0 ||
+            (list[i].dtype != 0 && list[i].dtype != 1)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "square_sums_many: bad length or dtype");
+            free(list);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    double *res = (double *)(uintptr_t)out;
+    Py_BEGIN_ALLOW_THREADS
+    for (idx i = 0; i < k; i++) {
+        if (list[i].dtype == 0) {
+#ifdef GP_AVX2_PATH
+            if (have_avx2)
+                avx_sums((const float *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
+            else
+#endif
+                sums_f32((const float *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
+        } else
+            sums_f64((const double *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
+    }
+    Py_END_ALLOW_THREADS
+    free(list);
+    Py_RETURN_NONE;
+}
+
 /* info(): which loops run here ("avx2", or "portable": vector extensions and scalar loops) */
 static PyObject *info(PyObject *self, PyObject *args) {
 #ifdef GP_AVX2_PATH
@@ -928,6 +976,7 @@ static PyMethodDef methods[] = {
     {"info", info, METH_NOARGS, "Which loops run on this CPU: 'avx2' or 'portable'."},
     {"unit_stats", unit_stats, METH_VARARGS, "Per-unit statistics of a strided (A, U, B) tensor."},
     {"square_sums", square_sums, METH_VARARGS, "Sum and sum of squares of a contiguous tensor."},
+    {"square_sums_many", square_sums_many, METH_VARARGS, "square_sums of many contiguous tensors at once."},
     {NULL, NULL, 0, NULL},
 };
 

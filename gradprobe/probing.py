@@ -43,11 +43,14 @@ from gradprobe.hooks import (
 )
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
 from gradprobe.rng import stream_seed
-from gradprobe.stats import DeviceMoments, square_sum, sum_and_square_sum
+from gradprobe.stats import DeviceMoments, sums_of
 
 __all__ = ["probe", "ProbeConfig", "LOSSES", "Batch", "Inputs"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
+# Parameter statistics of one run: a (rows, 3) float64 tensor [Σw, Σw², ‖∇‖² or −1] (None when no
+# recorded module owns a parameter) and each recorded module's rows in it.
+ParamTable = tuple["torch.Tensor | None", dict[str, list[int]]]
 
 LOSSES = ("randn", "mse", "ce")
 
@@ -722,7 +725,7 @@ class _Session:
         buffers: dict[int, torch.Tensor],
         *,
         exact_nonfinite: bool,
-    ) -> tuple[dict[str, ModuleState], dict[str, list[torch.Tensor]], dict[int, torch.Tensor]]:
+    ) -> tuple[dict[str, ModuleState], ParamTable, dict[int, torch.Tensor]]:
         torch.manual_seed(stream_seed(self.cfg.seed, "dropout"))  # dropout: the same masks every time
         loss_gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "loss"))
         run_buffers = {k: v.clone() for k, v in buffers.items()}
@@ -733,8 +736,8 @@ class _Session:
             if q.requires_grad and id(q) not in seen:
                 seen.add(id(q))
                 trainable.append(q)
-        # Σ‖∇‖² per parameter over the batches (None until its first gradient)
-        grad_sq: list[torch.Tensor | None] = [None] * len(trainable)
+        # Σ‖∇‖² per trainable parameter over the batches (a float64 tensor, made at the first gradient)
+        grad_sq: torch.Tensor | None = None
         last_grads: dict[int, torch.Tensor] = {}
         recorder = Recorder(
             self.model,
@@ -766,59 +769,76 @@ class _Session:
                     grads = torch.autograd.grad(value, targets, allow_unused=True)
                 except RuntimeError as e:
                     raise ProbeError(f"backward failed: {e}") from e
-                for i, g in enumerate(grads[: len(trainable)]):
-                    if g is not None:
-                        sq = square_sum(g, recorder.scratch)
-                        before = grad_sq[i]
-                        grad_sq[i] = sq if before is None else before + sq
-                        last_grads[id(trainable[i])] = g
+                present = [i for i, g in enumerate(grads[: len(trainable)]) if g is not None]
+                if present:
+                    # [perf] every gradient's Σg² in one kernel call (gradprobe.stats.sums_of); no host sync
+                    sq = sums_of([grads[i] for i in present], recorder.scratch)[:, 1]
+                    if grad_sq is None:
+                        grad_sq = torch.zeros(len(trainable), dtype=torch.float64, device=sq.device)
+                    grad_sq.index_add_(0, torch.tensor(present, device=sq.device), sq.to(grad_sq.device))
+                    for i in present:
+                        last_grads[id(trainable[i])] = grads[i]
             if tracer is not None:
                 self.activations = dict(tracer.found)
-        # Parameter statistics: two small tensors per parameter, [Σw, Σw²] and [‖∇‖² or −1], transferred
-        # with everything else (divided by the size on the host: no tensor op per parameter here).
+        # Parameter statistics: one (rows, 3) float64 table [Σw, Σw², ‖∇‖² or −1], a row per parameter of
+        # each recorded module, transferred with everything else (divided by the size on the host).
         index = {id(q): i for i, q in enumerate(trainable)}
-        param_stats: dict[str, list[torch.Tensor]] = {}
-        absent = recorder.scratch.minus_one(self.device)
+        unique: dict[int, int] = {}  # id(parameter) → its position in `tensors`
+        tensors: list[torch.Tensor] = []
+        weight_rows: list[int] = []  # per table row: the parameter's position in `tensors`
+        grad_rows: list[int] = []  # per table row: its position in grad_sq, or len(trainable) (none)
+        rows_of: dict[str, list[int]] = {}
         for raw_name, module in self.model.named_modules():
             name = raw_name or "model"
             if name not in recorder.states:
                 continue
-            rows = []
             for p in module._parameters.values():
                 if p is None:
                     continue
                 q = p if params is None else params[id(p)]
-                # [perf] exact float64 [Σw, Σw²] (gradprobe.stats: the C kernel, or cache-sized chunks),
-                # one read of the parameter; no host sync
-                rows.append(sum_and_square_sum(q, recorder.scratch))
+                if id(q) not in unique:
+                    unique[id(q)] = len(tensors)
+                    tensors.append(q)
+                rows_of.setdefault(name, []).append(len(weight_rows))
+                weight_rows.append(unique[id(q)])
                 i = index.get(id(q))
-                gsq = grad_sq[i] if i is not None and id(q) in last_grads else None
-                rows.append(absent if gsq is None else gsq.view(1))
-            if rows:
-                param_stats[name] = rows
+                grad_rows.append(i if i is not None and id(q) in last_grads else len(trainable))
+        table = None
+        if tensors:
+            # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
+            weights = sums_of(tensors, recorder.scratch)
+            absent = torch.full((1,), -1.0, dtype=torch.float64, device=weights.device)
+            column = absent if grad_sq is None else torch.cat([grad_sq.to(weights.device), absent])
+            table = torch.cat(
+                [
+                    weights.index_select(0, torch.tensor(weight_rows, device=weights.device)),
+                    column.index_select(0, torch.tensor(grad_rows, device=weights.device)).unsqueeze(1)
+                    if grad_sq is not None
+                    else absent.expand(len(weight_rows)).unsqueeze(1),
+                ],
+                dim=1,
+            )
+        param_stats = (table, rows_of)
         self._batches = len(prepared)
         return recorder.states, param_stats, last_grads
 
     # -- results ------------------------------------------------------------------------------
-    def _layers(
-        self, states: dict[str, ModuleState], param_stats: dict[str, list[torch.Tensor]]
-    ) -> list[LayerRecord]:
+    def _layers(self, states: dict[str, ModuleState], param_stats: ParamTable) -> list[LayerRecord]:
         from gradprobe.initializers import weight_fans
 
         ordered = sorted(states.values(), key=lambda s: s.index)
         # One host transfer for everything: flatten every accumulated tensor into one float64 vector.
         parts: list[torch.Tensor] = []
-        slots: list[tuple[str, str, list[int]]] = []  # (layer, "act" | "grad" | "param", sizes)
+        slots: list[tuple[str, str, list[int]]] = []  # (layer, "act" | "grad", sizes)
         for st in ordered:
             for kind, acc in (("act", st.act), ("grad", st.grad)):
                 if not acc.empty:
                     tensors = acc.pack()
                     slots.append((st.name, kind, [t.numel() for t in tensors]))
                     parts.extend(t if t.dim() == 1 else t.reshape(-1) for t in tensors)  # cat() makes them float64
-            pairs = param_stats.get(st.name, [])
-            for k in range(0, len(pairs), 2):  # [Σw, Σw²], [‖∇‖² or −1] per parameter
-                slots.append((st.name, "param", [2, 1]))
-                parts.extend(pairs[k : k + 2])
+        table, rows_of = param_stats
+        if table is not None:
+            parts.append(table.reshape(-1))  # last: [Σw, Σw², ‖∇‖² or −1] per row
         device = self.device
         flat = (
             torch.cat([p if p.device == device else p.to(device) for p in parts])
@@ -835,7 +855,7 @@ class _Session:
         packed_entries: list[tuple[int, int, int, int, int]] = []
         pos = 0
         for name, kind, sizes in slots:
-            if kind != "param" and len(sizes) == 1:
+            if len(sizes) == 1:
                 acc = states[name].act if kind == "act" else states[name].grad
                 packed_keys.append((name, kind))
                 packed_entries.append(
@@ -845,10 +865,9 @@ class _Session:
             for n in sizes:
                 chunks.append(flat[pos : pos + n])  # views of one fresh array
                 pos += n
-            if kind == "param":
-                pstats.setdefault(name, []).append(flat[pos - 3 : pos])  # Σw, Σw², ‖∇‖²
-            else:
-                unpacked[(name, kind)] = chunks
+            unpacked[(name, kind)] = chunks
+        for name, rows in rows_of.items():
+            pstats[name] = [flat[pos + 3 * r : pos + 3 * r + 3] for r in rows]  # Σw, Σw², ‖∇‖²
         built = dict(zip(packed_keys, TensorStats.from_packed(flat, packed_entries)))
 
         modules = dict(self.model.named_modules())

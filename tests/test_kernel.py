@@ -218,3 +218,25 @@ def test_kernel_info_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     if stats._kernel_module is not None:
         monkeypatch.setattr(stats, "KERNEL", stats._kernel_module)
         assert stats.kernel_info() in ("C kernel (avx2)", "C kernel (portable)")
+
+
+def test_sums_of_many_tensors_in_one_call() -> None:
+    """stats.sums_of: [Σx, Σx²] per tensor, one kernel call for all (float32 and float64, empty, odd
+    lengths); a tensor the kernel cannot read (a strided view) sends all of them the other way, with
+    the same numbers."""
+    g = torch.Generator().manual_seed(2)
+    tensors = [
+        torch.randn(1001, generator=g),
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.zeros(0),
+        nn.Parameter(torch.randn(64, 33, generator=g)),
+        nn.Parameter(torch.tensor(0.5)),  # a scalar (ReZero's gate)
+    ]
+    want = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors])
+    fast = stats.sums_of(tensors, Scratch())
+    torch.testing.assert_close(fast, want, rtol=1e-13, atol=1e-12)
+    strided = torch.randn(20, 10, generator=g)[:, ::2]
+    slow = stats.sums_of([*tensors, strided], Scratch())
+    torch.testing.assert_close(slow[:-1], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(slow[-1], torch.stack([strided.double().sum(), strided.double().square().sum()]))
+    assert stats.sums_of([], Scratch()).shape == (0, 2)

@@ -262,9 +262,9 @@ def test_device_option_puts_everything_on_that_device_and_leaves_the_model(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen: dict[str, Any] = {}
 
-    def stop(self: _Session, states: dict[str, Any], param_stats: dict[str, list[torch.Tensor]]) -> None:
+    def stop(self: _Session, states: dict[str, Any], param_stats: Any) -> None:
         seen["devices"] = {t.device.type for st in states.values() for acc in (st.act, st.grad) if not acc.empty for t in acc.pack()}
-        seen["params"] = {t.device.type for rows in param_stats.values() for t in rows}
+        seen["params"] = {param_stats[0].device.type}  # the (rows, 3) parameter table
         raise _Stop
 
     monkeypatch.setattr(_Session, "_layers", stop)

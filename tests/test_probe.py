@@ -611,3 +611,36 @@ def test_an_override_that_names_a_norm_layer_sets_its_scale() -> None:
     assert others and all(x.param("weight").mean == 1.0 for x in others)
     plain = gradprobe.probe(model, x, init="zeros", overrides={"*.bn2": "kaiming_normal"}, diagnose=False)
     assert all(x.param("weight").mean == 1.0 for x in plain.layers if x.type == "BatchNorm2d")
+
+
+def test_parameter_sums_over_batches_with_tied_and_frozen_parameters() -> None:
+    """The parameter table (one kernel call for every weight, one per batch for every gradient):
+    Σw, Σw² per parameter, Σ over batches of ‖∇‖² against autograd directly, a tied weight seen from
+    both modules that own it, a frozen bias without a gradient."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    model[3].bias.requires_grad_(False)
+    batches = [torch.randn(5, 6), torch.randn(7, 6)]
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        return (y**2).sum()
+
+    report = gradprobe.probe(model, batches, loss=loss, diagnose=False, gate_check=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    direct = {id(p): 0.0 for p in trainable}
+    for b in batches:
+        for p, g in zip(trainable, torch.autograd.grad(loss(model(b)), trainable)):
+            direct[id(p)] += float(g.double().square().sum())
+    owners = {"0": model[0], "2": model[2], "3": model[3]}
+    for name, module in owners.items():
+        for pname, p in module.named_parameters(recurse=False):
+            rec = report[name].param(pname)
+            w = p.detach().double()
+            assert rec.mean == pytest.approx(float(w.mean()), rel=1e-12, abs=1e-15)
+            assert rec.var == pytest.approx(float(w.var(unbiased=False)), rel=1e-12)
+            if p.requires_grad:
+                assert rec.grad_sq_sum == pytest.approx(direct[id(p)], rel=1e-12) and rec.batches == 2
+            else:
+                assert rec.grad_sq_sum is None and rec.grad_rms is None
+    assert report["0"].param("weight").grad_sq_sum == report["2"].param("weight").grad_sq_sum

@@ -231,3 +231,26 @@ def test_effective_width() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(grouping).failed == 0
+
+
+def test_distinct_first_column_on_cpu_needs_no_unique(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random weights on CPU: a numpy sort of the first column settles it (no torch.unique, ~8× cheaper);
+    bfloat16 (no numpy dtype) and repeated first elements take torch.unique, with the same answers."""
+    calls: list[int] = []
+    original = torch.unique
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grouping.torch, "unique", spy)
+    generator = torch.Generator().manual_seed(8)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        rows = torch.randn(300, 64, generator=generator).to(dtype)
+        rows[:, 0] = torch.arange(300)  # distinct in every dtype (float16's 300 random values repeat)
+        assert group_identical_rows(rows) == []
+    assert calls == []
+    assert group_identical_rows(torch.randn(300, 64, generator=generator).to(torch.bfloat16)) == []
+    assert len(calls) >= 1
+    rows = planted(300, 64, [[4, 250]])
+    assert group_identical_rows(rows) == [[4, 250]] and len(calls) > 1

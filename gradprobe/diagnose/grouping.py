@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradprobe.errors import UsageError
@@ -50,6 +51,8 @@ _EXACT_BITS = 53
 _MIN_DIRECTIONS, _MAX_DIRECTIONS, _TARGET_SIGNATURE_BITS = 4, 8, 40
 # Columns per feature read by the pre-filter.
 _SAMPLE_COLUMNS = 16
+# dtypes whose first column the CPU pre-filter sorts in numpy (bfloat16 has no numpy dtype)
+_NUMPY_SORTABLE = (torch.float16, torch.float32, torch.float64)
 # Multiplier folding the k signature columns into one key (an irrational-looking odd constant).
 _FOLD = 1.6180339887498949
 
@@ -173,6 +176,12 @@ def _group_identical(features: list[torch.Tensor], *, seed: int) -> list[list[in
             # identical rows share their first element: rows whose first element is unique are out
             # (+ 0.0 makes −0.0 equal +0.0; NaN equals nothing, so a NaN row is out too)
             first = features[0][:, 0] + 0.0
+            if first.device.type == "cpu" and first.dtype in _NUMPY_SORTABLE:
+                # the common case, random weights, in a sort (~10 µs for 1024 rows; torch.unique with
+                # inverse and counts ~80 µs): no repeated first element, no identical rows
+                ordered = np.sort(first.numpy())
+                if not bool((ordered[1:] == ordered[:-1]).any()):
+                    return []
             _, inverse, counts = torch.unique(first, return_inverse=True, return_counts=True)
             rows = torch.nonzero(counts[inverse] >= 2).flatten()
             if rows.numel() == 0:

@@ -214,11 +214,12 @@ def _method_time(method: str, call: Callable[[], object]) -> float:
 def breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Seconds (median over ``repeats`` probes) spent in each part of ``probe(gate_check=False)``."""
     import gradprobe.diagnose as diagnosis
+    import gradprobe.probing as probing
     import gradprobe.stats as stats
 
     parts: list[tuple[Any, str, str]] = [
         (stats, "_summarize", "activation and gradient statistics (hooks)"),
-        (stats, "_sums", "parameter and parameter-gradient sums"),
+        (probing, "sums_of", "parameter and parameter-gradient sums"),  # as probing imported it
         (_Session, "_layers", "one transfer + building the report"),
         (_Session, "_attach_unit_analysis", "symmetry analysis (gradprobe.diagnose.units)"),
         (_Session, "_attach_predictions", "mean-field predictions (gradprobe.predict)"),

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gradprobe import theory
 from gradprobe.errors import GradprobeError
 from gradprobe.report import LayerRecord, ParamRecord, Report
 from gradprobe.theory import ChainLayer, Prediction, activation_moments, get_activation, predict_chain
@@ -578,6 +579,14 @@ def attach_predictions(report: Report) -> Report:
         layer.predicted_act_var = None
         layer.predicted_grad_var = None
         layer.extra.pop("prediction", None)
+    theory._memo = {}  # quadratures shared between linking and predicting, for this report only
+    try:
+        return _attach(report)
+    finally:
+        theory._memo = None
+
+
+def _attach(report: Report) -> Report:
     try:
         chains = find_chains(report)
     except (GradprobeError, ArithmeticError, ValueError, IndexError):

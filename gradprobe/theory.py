@@ -555,6 +555,12 @@ def _closed_form_moments(
     )
 
 
+# Quadrature results kept while one report's predictions are made (gradprobe.predict sets a dict, then
+# None): a chain's first activation is computed from the same derived input twice, once to link it and
+# once to predict. Not kept across calls, so every probe pays for its own numbers.
+_memo: dict[tuple[Activation, float, float, float], ActivationMoments] | None = None
+
+
 def _law_moments(
     act: Activation, mean: float, gaussian_variance: float, uniform_halfwidth: float
 ) -> ActivationMoments:
@@ -562,7 +568,14 @@ def _law_moments(
     exact = _closed_form_moments(act, mean, gaussian_variance, uniform_halfwidth)
     if exact is not None:
         return exact
-    return _moments(act, *_input_rule(act, mean, gaussian_variance, uniform_halfwidth))
+    memo = _memo
+    key = (act, mean, gaussian_variance, uniform_halfwidth)
+    if memo is not None and key in memo:
+        return memo[key]
+    moments = _moments(act, *_input_rule(act, mean, gaussian_variance, uniform_halfwidth))
+    if memo is not None:
+        memo[key] = moments
+    return moments
 
 
 def activation_moments(act: Activation | str, q_z: float, mean: float = 0.0) -> ActivationMoments:

@@ -229,3 +229,30 @@ def test_deep_linear_network_and_model_input_stats() -> None:
     # The JSON round trip keeps them.
     again = Report.from_json(report.to_json())
     assert [x.predicted_act_var for x in again.layers] == [x.predicted_act_var for x in report.layers]
+
+
+def test_quadrature_memo_lives_for_one_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linking and predicting share quadratures within one report (each distinct input computed once),
+    and nothing is kept for the next report: every probe pays for its own numbers."""
+    from gradprobe import theory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    report = probe(model, torch.randn(32, 64), diagnose=False, gate_check=False)
+    inputs: list[tuple[object, ...]] = []
+    original = theory._input_rule
+
+    def counted(*args: object) -> object:
+        inputs.append(args)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(theory, "_input_rule", counted)
+    before = [(x.predicted_act_var, x.predicted_grad_var) for x in report.layers]
+    attach_predictions(report)
+    assert theory._memo is None
+    assert inputs and len(inputs) == len(set(inputs))  # no input integrated twice
+    first = len(inputs)
+    attach_predictions(report)
+    assert len(inputs) == 2 * first  # the second report computed its own
+    assert [(x.predicted_act_var, x.predicted_grad_var) for x in report.layers] == before
+    assert any(v is not None for v, _ in before)

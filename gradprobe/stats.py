@@ -627,19 +627,32 @@ def _kernel_can_read(v: torch.Tensor) -> bool:
 def _summarize_kernel(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float] | None) -> _Summary:
     """The C kernel's summary of ``v`` (A, U, B): one read, every statistic, float64 accumulation."""
     a, u, b = v.shape
-    if u == 1 and a > 1 and v.is_contiguous():
-        v = v.view(1, 1, a * b)  # one unit: a single run, not a column
     # shape and strides passed are v's own (torch keeps every view inside its storage)
-    n_a, _, n_b = v.shape
+    return _kernel_summary(v.data_ptr(), v.dtype, a, u, b, v.stride(), v.is_contiguous(), scratch, saturation)
+
+
+def _kernel_summary(
+    data: int,
+    dtype: torch.dtype,
+    a: int,
+    u: int,
+    b: int,
+    strides: tuple[int, ...],
+    contiguous: bool,
+    scratch: Scratch,
+    saturation: tuple[float, float] | None,
+) -> _Summary:
+    if u == 1 and a > 1 and contiguous:
+        a, b, strides = 1, a * b, (a * b, a * b, 1)  # one unit: a single run, not a column
     out = torch.empty(4 * u + 3, dtype=torch.float64)
     centre, threshold = saturation if saturation is not None else (0.0, 0.0)
     KERNEL.unit_stats(
-        v.data_ptr(),
-        _KERNEL_DTYPES[v.dtype],
-        n_a,
+        data,
+        _KERNEL_DTYPES[dtype],
+        a,
         u,
-        n_b,
-        *v.stride(),
+        b,
+        *strides,
         out.data_ptr(),
         max(1, min(scratch.chunk_elements, KERNEL_TILE)),
         saturation is not None,
@@ -703,7 +716,6 @@ class DeviceMoments:
         self.nonfinite: torch.Tensor | None = None
         self.hist: torch.Tensor | None = None
 
-    @torch.no_grad()
     def add(
         self,
         x: torch.Tensor,
@@ -722,6 +734,61 @@ class DeviceMoments:
                 only when the cheap per-unit flag fired).
             histogram: also count values in the fixed signed log-magnitude bins (a few more passes).
         """
+        if (
+            KERNEL is not None
+            and axis is not None
+            and not (self.collapsed or count_nonfinite or histogram)
+            and x.is_contiguous()
+            and _kernel_can_read(x)
+            and self._add_contiguous(x, axis, saturation)
+        ):
+            return
+        with torch.no_grad():
+            self._add(x, axis, saturation, count_nonfinite, histogram)
+
+    def _add_contiguous(self, x: torch.Tensor, axis: int, saturation: tuple[float, float] | None) -> bool:
+        """The common case, a contiguous tensor the kernel reads, without building a view: (A, U, B)
+        and the strides from the shape. False when it is not that case after all (nothing done)."""
+        shape = x.shape
+        if not shape:
+            return False
+        unit = axis % len(shape)
+        u = shape[unit]
+        if u == 0 or (self._pending and self._pending[0].units != u):
+            return False
+        a, b = math.prod(shape[:unit]), math.prod(shape[unit + 1 :])
+        if a * b == 0:
+            return False
+        try:
+            key: Any = (id(x), x._version, axis, saturation, tuple(shape), x.dtype)
+        except RuntimeError:  # inference tensors have no version counter: do not memoise
+            key = None
+        summary = self._scratch.recall(x, key) if key is not None else None
+        if summary is None:
+            summary = _kernel_summary(x.data_ptr(), x.dtype, a, u, b, (u * b, b, 1), True, self._scratch, saturation)
+            if key is not None:
+                self._scratch.remember(x, key, summary)
+        self._queue(summary, a * b, saturation)
+        return True
+
+    def _queue(self, summary: _Summary, rows: int, saturation: tuple[float, float] | None) -> None:
+        self._pending.append(summary)
+        if len(self._pending) > _MAX_PENDING:
+            self._merge()
+        self.rows += rows
+        if saturation is not None:
+            assert summary.saturated is not None
+            self.saturated = summary.saturated if self.saturated is None else self.saturated + summary.saturated
+        self.calls += 1
+
+    def _add(
+        self,
+        x: torch.Tensor,
+        axis: int | None,
+        saturation: tuple[float, float] | None,
+        count_nonfinite: bool,
+        histogram: bool,
+    ) -> None:
         if self.collapsed:
             axis = None
         v = as_units(x.detach(), axis)
@@ -748,20 +815,13 @@ class DeviceMoments:
             summary = _summarize(v, self._scratch, saturation)
             if key is not None:
                 self._scratch.remember(x, key, summary)
-        self._pending.append(summary)
-        if len(self._pending) > _MAX_PENDING:
-            self._merge()
-        self.rows += rows
-        if saturation is not None:
-            assert summary.saturated is not None
-            self.saturated = summary.saturated if self.saturated is None else self.saturated + summary.saturated
         if count_nonfinite:
             bad = v.numel() - torch.count_nonzero(torch.isfinite(v))
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         if histogram:
             h = _histogram(v)
             self.hist = h if self.hist is None else self.hist + h
-        self.calls += 1
+        self._queue(summary, rows, saturation)
 
     def _merge(self) -> _Summary | None:
         if not self._pending:

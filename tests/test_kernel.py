@@ -240,3 +240,29 @@ def test_sums_of_many_tensors_in_one_call() -> None:
     torch.testing.assert_close(slow[:-1], want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(slow[-1], torch.stack([strided.double().sum(), strided.double().square().sum()]))
     assert stats.sums_of([], Scratch()).shape == (0, 2)
+
+
+@needs_kernel
+def test_contiguous_fast_path_equals_the_view_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeviceMoments.add reads a contiguous tensor straight from its shape (no view, no detach): the
+    same packed result, bit for bit, as the general path through as_units, for units on any axis,
+    one unit, a negative axis, a saturation count; and the general path is not called."""
+    g = torch.Generator().manual_seed(4)
+    cases = [
+        (torch.randn(64, 48, generator=g), 1, None),
+        (torch.randn(8, 6, 5, 5, generator=g), 1, (0.0, 1.0)),
+        (torch.randn(4, 7, 9, generator=g), -1, None),
+        (torch.randn(40, 1, generator=g), 1, None),  # one unit: a single run
+        (torch.randn(3, 16, 70, generator=g, requires_grad=True), 1, (0.5, 0.2)),
+    ]
+    for x, axis, saturation in cases:
+        slow = DeviceMoments(Scratch())
+        with torch.no_grad():
+            slow._add(x, axis, saturation, False, False)
+        fast = DeviceMoments(Scratch())
+        with monkeypatch.context() as m:
+            m.setattr(stats, "_summarize", lambda *a, **k: pytest.fail("took the general path"))
+            fast.add(x, axis, saturation)
+        for p, q in zip(fast.pack(), slow.pack()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert (fast.rows, fast.calls) == (slow.rows, slow.calls)

@@ -218,7 +218,7 @@ def breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, floa
     import gradprobe.stats as stats
 
     parts: list[tuple[Any, str, str]] = [
-        (stats, "_summarize", "activation and gradient statistics (hooks)"),
+        (stats.DeviceMoments, "add", "activation and gradient statistics (hooks)"),
         (probing, "sums_of", "parameter and parameter-gradient sums"),  # as probing imported it
         (_Session, "_layers", "one transfer + building the report"),
         (_Session, "_attach_unit_analysis", "symmetry analysis (gradprobe.diagnose.units)"),

@@ -208,6 +208,7 @@ def test_the_portable_loops_without_avx2() -> None:
         """
     )
     env = dict(os.environ, GRADPROBE_KERNEL_NO_AVX2="1")
+    env.pop("GRADPROBE_KERNEL", None)  # the kernel on in the child, whatever this run was told
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
@@ -255,6 +256,7 @@ def test_contiguous_fast_path_equals_the_view_path(monkeypatch: pytest.MonkeyPat
         (torch.randn(40, 1, generator=g), 1, None),  # one unit: a single run
         (torch.randn(3, 16, 70, generator=g, requires_grad=True), 1, (0.5, 0.2)),
     ]
+    monkeypatch.setattr(stats, "KERNEL", stats._kernel_module)  # on, even under GRADPROBE_KERNEL=0
     for x, axis, saturation in cases:
         slow = DeviceMoments(Scratch())
         with torch.no_grad():

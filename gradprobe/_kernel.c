@@ -891,6 +891,19 @@ static PyObject *unit_stats(PyObject *self, PyObject *args) {
 }
 
 /* square_sums(data, dtype, n, out): out[0] = Σx, out[1] = Σx² over n contiguous values. */
+/* Σx and Σx² of n contiguous values of dtype 0 (float32) or 1 (float64) into out[0], out[1]; no GIL needed */
+static void sums_one(unsigned long long data, int dtype, idx n, double *out) {
+    if (dtype == 0) {
+#ifdef GP_AVX2_PATH
+        if (have_avx2)
+            avx_sums((const float *)(uintptr_t)data, n, out);
+        else
+#endif
+            sums_f32((const float *)(uintptr_t)data, n, out);
+    } else
+        sums_f64((const double *)(uintptr_t)data, n, out);
+}
+
 static PyObject *square_sums(PyObject *self, PyObject *args) {
     unsigned long long data, out;
     int dtype;
@@ -900,18 +913,8 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "square_sums: bad length or dtype");
         return NULL;
     }
-    double *res = (double *)(uintptr_t)out;
     Py_BEGIN_ALLOW_THREADS
-    if (dtype == 0) {
-#ifdef GP_AVX2_PATH
-        if (have_avx2)
-            avx_sums((const float *)(uintptr_t)data, n, res);
-        else
-#endif
-            sums_f32((const float *)(uintptr_t)data, n, res);
-    }
-    else
-        sums_f64((const double *)(uintptr_t)data, n, res);
+    sums_one(data, dtype, n, (double *)(uintptr_t)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -948,17 +951,7 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     Py_DECREF(seq);
     double *res = (double *)(uintptr_t)out;
     Py_BEGIN_ALLOW_THREADS
-    for (idx i = 0; i < k; i++) {
-        if (list[i].dtype == 0) {
-#ifdef GP_AVX2_PATH
-            if (have_avx2)
-                avx_sums((const float *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
-            else
-#endif
-                sums_f32((const float *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
-        } else
-            sums_f64((const double *)(uintptr_t)list[i].data, list[i].n, res + 2 * i);
-    }
+    for (idx i = 0; i < k; i++) sums_one(list[i].data, list[i].dtype, list[i].n, res + 2 * i);
     Py_END_ALLOW_THREADS
     free(list);
     Py_RETURN_NONE;

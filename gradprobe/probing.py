@@ -807,14 +807,13 @@ class _Session:
         if tensors:
             # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
             weights = sums_of(tensors, recorder.scratch)
-            absent = torch.full((1,), -1.0, dtype=torch.float64, device=weights.device)
-            column = absent if grad_sq is None else torch.cat([grad_sq.to(weights.device), absent])
+            device = weights.device
+            summed = torch.zeros(len(trainable), dtype=torch.float64, device=device) if grad_sq is None else grad_sq
+            column = torch.cat([summed.to(device), torch.full((1,), -1.0, dtype=torch.float64, device=device)])
             table = torch.cat(
                 [
-                    weights.index_select(0, torch.tensor(weight_rows, device=weights.device)),
-                    column.index_select(0, torch.tensor(grad_rows, device=weights.device)).unsqueeze(1)
-                    if grad_sq is not None
-                    else absent.expand(len(weight_rows)).unsqueeze(1),
+                    weights.index_select(0, torch.tensor(weight_rows, device=device)),
+                    column.index_select(0, torch.tensor(grad_rows, device=device)).unsqueeze(1),
                 ],
                 dim=1,
             )

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -759,17 +759,29 @@ class DeviceMoments:
         a, b = math.prod(shape[:unit]), math.prod(shape[unit + 1 :])
         if a * b == 0:
             return False
-        try:
-            key: Any = (id(x), x._version, axis, saturation, tuple(shape), x.dtype)
-        except RuntimeError:  # inference tensors have no version counter: do not memoise
-            key = None
-        summary = self._scratch.recall(x, key) if key is not None else None
-        if summary is None:
-            summary = _kernel_summary(x.data_ptr(), x.dtype, a, u, b, (u * b, b, 1), True, self._scratch, saturation)
-            if key is not None:
-                self._scratch.remember(x, key, summary)
+        summary = self._read_once(
+            x,
+            axis,
+            saturation,
+            lambda: _kernel_summary(x.data_ptr(), x.dtype, a, u, b, (u * b, b, 1), True, self._scratch, saturation),
+        )
         self._queue(summary, a * b, saturation)
         return True
+
+    def _read_once(
+        self, x: torch.Tensor, axis: int | None, saturation: tuple[float, float] | None, read: Callable[[], _Summary]
+    ) -> _Summary:
+        """``read()``, unless this very tensor (same object, same version, same options) was just
+        summarised: then that summary (the scratch's memo)."""
+        try:
+            key: Any = (id(x), x._version, axis, saturation, tuple(x.shape), x.dtype)
+        except RuntimeError:  # inference tensors have no version counter: do not memoise
+            return read()
+        summary = self._scratch.recall(x, key)
+        if summary is None:
+            summary = read()
+            self._scratch.remember(x, key, summary)
+        return summary
 
     def _queue(self, summary: _Summary, rows: int, saturation: tuple[float, float] | None) -> None:
         self._pending.append(summary)
@@ -806,15 +818,7 @@ class DeviceMoments:
         rows = a * b
         if rows == 0 or u == 0:
             return
-        try:
-            key: Any = (id(x), x._version, axis, saturation, tuple(x.shape), x.dtype)
-        except RuntimeError:  # inference tensors have no version counter: do not memoise
-            key = None
-        summary = self._scratch.recall(x, key) if key is not None else None
-        if summary is None:
-            summary = _summarize(v, self._scratch, saturation)
-            if key is not None:
-                self._scratch.remember(x, key, summary)
+        summary = self._read_once(x, axis, saturation, lambda: _summarize(v, self._scratch, saturation))
         if count_nonfinite:
             bad = v.numel() - torch.count_nonzero(torch.isfinite(v))
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad

@@ -801,8 +801,8 @@ class _Session:
                     tensors.append(q)
                 rows_of.setdefault(name, []).append(len(weight_rows))
                 weight_rows.append(unique[id(q)])
-                i = index.get(id(q))
-                grad_rows.append(i if i is not None and id(q) in last_grads else len(trainable))
+                position = index.get(id(q))
+                grad_rows.append(position if position is not None and id(q) in last_grads else len(trainable))
         table = None
         if tensors:
             # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
@@ -865,8 +865,8 @@ class _Session:
                 chunks.append(flat[pos : pos + n])  # views of one fresh array
                 pos += n
             unpacked[(name, kind)] = chunks
-        for name, rows in rows_of.items():
-            pstats[name] = [flat[pos + 3 * r : pos + 3 * r + 3] for r in rows]  # Σw, Σw², ‖∇‖²
+        for name, table_rows in rows_of.items():
+            pstats[name] = [flat[pos + 3 * r : pos + 3 * r + 3] for r in table_rows]  # Σw, Σw², ‖∇‖²
         built = dict(zip(packed_keys, TensorStats.from_packed(flat, packed_entries)))
 
         modules = dict(self.model.named_modules())

@@ -20,6 +20,13 @@ flags = [] if sys.platform == "win32" else [
 
 setup(
     ext_modules=[
-        Extension("gradprobe._kernel", ["gradprobe/_kernel.c"], extra_compile_args=flags, optional=True)
+        Extension(
+            "gradprobe._kernel",
+            ["gradprobe/_kernel.c"],
+            extra_compile_args=flags,
+            # dlopen/dlsym find torch's OpenMP runtime (in libc itself from glibc 2.34 on)
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
+            optional=True,
+        )
     ]
 )

@@ -38,7 +38,80 @@ typedef struct {
     double *tsum, *tmax, *tmin, *tdev, *tsq;
     float *fhi, *flo; /* float32 scratch of the row fast path */
     double nonzero, saturated;
+    const void *data; /* the first value of the job's first unit */
+    int dtype;
 } Job;
+
+/* ---- a team of threads: the OpenMP pool torch already runs ----
+ * Between two of torch's operators its OpenMP worker threads spin, idle, for a while; a probe's hooks run
+ * in that gap on the main thread. GOMP_parallel of the very runtime torch loaded (found by its soname,
+ * never loaded here) hands work to those threads, as torch's own parallel loops do. The items (unit
+ * ranges, whole tensors) are taken from a shared counter, so the result of each is the same whoever
+ * takes it and however many threads come. Without the runtime (another platform, a torch built without
+ * OpenMP) the items run one after another. */
+typedef void (*TeamWork)(void *ctx, idx item);
+typedef struct {
+    TeamWork work;
+    void *ctx;
+    idx items, next;
+    int entered;
+} Team;
+
+static int last_team = 0; /* threads that entered the last team (team(): tests) */
+static const char *pool_name = NULL;
+
+/* below this many values one thread is faster than waking a second (~10 µs) */
+#define GP_TEAM_MIN (1 << 15)
+
+#if defined(__linux__) && defined(__GNUC__)
+#include <dlfcn.h>
+#define GP_TEAMS 1
+typedef void (*GompParallel)(void (*)(void *), void *, unsigned, unsigned);
+static GompParallel gomp_parallel = NULL;
+static int pool_found = 0;
+
+/* with the GIL held */
+static void find_pool(void) {
+    if (pool_found) return;
+    pool_found = 1;
+    static const char *names[] = {"libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.so.5"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0] && gomp_parallel == NULL; i++) {
+        void *h = dlopen(names[i], RTLD_LAZY | RTLD_NOLOAD); /* only a runtime already in the process */
+        if (h != NULL) {
+            void *f = dlsym(h, "GOMP_parallel");
+            memcpy(&gomp_parallel, &f, sizeof f);
+            if (f != NULL) pool_name = names[i];
+        }
+    }
+}
+
+static void team_entry(void *arg) {
+    Team *t = (Team *)arg;
+    __atomic_fetch_add(&t->entered, 1, __ATOMIC_RELAXED);
+    for (;;) {
+        const idx i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
+        if (i >= t->items) return;
+        t->work(t->ctx, i);
+    }
+}
+#else
+static void find_pool(void) {}
+#endif
+
+/* work(ctx, i) for every i < items, on up to `threads` threads; without the GIL */
+static void run_team(TeamWork work, void *ctx, idx items, int threads) {
+#ifdef GP_TEAMS
+    if (threads > 1 && items > 1 && gomp_parallel != NULL) {
+        Team t = {work, ctx, items, 0, 0};
+        gomp_parallel(team_entry, &t, (unsigned)(threads < items ? threads : items), 0);
+        last_team = t.entered;
+        return;
+    }
+#endif
+    (void)threads;
+    for (idx i = 0; i < items; i++) work(ctx, i);
+    last_team = 1;
+}
 
 
 /* The end of a one-pass loop over a run: the eight lanes' extremes and counts folded, the values past
@@ -420,7 +493,7 @@ GP_AVX2 static int avx_short_runs(Job *j, const float *base) {
     double *c = j->tdev, *t1 = j->tsum, *t2 = j->tsq;
     for (idx u = 0; u < U; u++) {
         double s = 0.0;
-        for (idx b = 0; b < B; b++) s += base[u * B + b];
+        for (idx b = 0; b < B; b++) s += base[u * j->sU + b];
         c[u] = s / (double)B, t1[u] = t2[u] = 0.0;
         for (int k = 0; k < 8; k++) acc[u * 8 + k] = 0.0, ext[u * 16 + k] = -INFINITY, ext[u * 16 + 8 + k] = INFINITY;
     }
@@ -430,9 +503,9 @@ GP_AVX2 static int avx_short_runs(Job *j, const float *base) {
     for (idx a0 = 0; a0 < A; a0 += GP_FOLD) {
         const idx a1 = a0 + GP_FOLD < A ? a0 + GP_FOLD : A;
         for (idx a = a0; a < a1; a++) {
-            const float *row = base + a * U * B;
+            const float *row = base + a * j->sA;
             for (idx u = 0; u < U; u++) {
-                const float *p = row + u * B;
+                const float *p = row + u * j->sU;
                 const __m256d cv = _mm256_set1_pd(c[u]);
                 __m256d d = _mm256_load_pd(acc + u * 8), q = _mm256_load_pd(acc + u * 8 + 4);
                 __m256 h = _mm256_load_ps(ext + u * 16), l = _mm256_load_ps(ext + u * 16 + 8);
@@ -484,9 +557,11 @@ GP_AVX2 static int avx_short_runs(Job *j, const float *base) {
     return 1;
 }
 
-/* The one-pass float32 statistics of rows of contiguous units (any row stride), or of a dense tensor
- * of contiguous runs of positions (of at least 64, or short runs of 8 to 63); 0 when the layout is
- * neither. */
+/* The one-pass float32 statistics of rows of contiguous units (any row stride), or of contiguous runs
+ * of positions (of at least 64, or short runs of 8 to 63) with each sample's runs side by side (sU == B;
+ * samples any stride apart); 0 when the layout is neither. Each unit's statistics depend on that unit's
+ * values only (blocks of 16 units from the first unit), so a range of units starting at a multiple of 16
+ * gets the same bits on its own (the units split between threads, unit_stats). */
 static int single_pass_f32(Job *j, const float *base) {
     if (!have_avx2) return 0;
     const idx A = j->A, U = j->U, B = j->B;
@@ -519,10 +594,10 @@ static int single_pass_f32(Job *j, const float *base) {
             scalar_col_pass2(base + u, A, j->sA, m, &d, &q);
             j->mean[u] = m, j->m2[u] = q - d * d / (double)A, j->mx[u] = h, j->mn[u] = l;
         }
-    } else if (j->sB == 1 && j->sU == B && j->sA == U * B && B >= 64) {
+    } else if (j->sB == 1 && j->sU == B && B >= 64) {
         double *s1 = j->tsum, *s2 = j->tsq;
         for (idx u = 0; u < U; u++) {
-            const float *p = base + u * B;
+            const float *p = base + u * j->sU;
             const idx k = B < 4096 ? B : 4096;
             double s = 0.0, h = -INFINITY, l = INFINITY, z = 0.0;
             avx_run_pass1(p, k, &s, &h, &l, &z); /* only the sum is used: the shift */
@@ -531,14 +606,14 @@ static int single_pass_f32(Job *j, const float *base) {
         }
         for (idx a = 0; a < A; a++)
             for (idx u = 0; u < U; u++)
-                avx_run_shifted(base + a * U * B + u * B, B, j->tdev[u], s1 + u, s2 + u, j->mx + u, j->mn + u,
+                avx_run_shifted(base + a * j->sA + u * j->sU, B, j->tdev[u], s1 + u, s2 + u, j->mx + u, j->mn + u,
                                 &j->nonzero);
         const double n = (double)(A * B);
         for (idx u = 0; u < U; u++) {
             j->mean[u] = j->tdev[u] + s1[u] / n;
             j->m2[u] = s2[u] - s1[u] * s1[u] / n;
         }
-    } else if (j->sB == 1 && j->sU == B && j->sA == U * B && B >= 8 && A >= 1) {
+    } else if (j->sB == 1 && j->sU == B && B >= 8 && A >= 1) {
         if (!avx_short_runs(j, base)) return 0;
     } else {
         return 0;
@@ -555,9 +630,9 @@ static int single_pass_f32(Job *j, const float *base) {
     }
     if (j->saturation) {
         if (j->sA == U * B) { /* dense: one run */
-            j->saturated = avx_count_outside(base, A * U * B, j->centre, j->threshold);
-        } else { /* rows of contiguous units, further apart */
-            for (idx a = 0; a < A; a++) j->saturated += avx_count_outside(base + a * j->sA, U, j->centre, j->threshold);
+            j->saturated += avx_count_outside(base, A * U * B, j->centre, j->threshold);
+        } else { /* each sample's U * B values are contiguous (sU == B, sB == 1), samples further apart */
+            for (idx a = 0; a < A; a++) j->saturated += avx_count_outside(base + a * j->sA, U * B, j->centre, j->threshold);
         }
     }
     return 1;
@@ -840,21 +915,46 @@ static void merge_tile(Job *j, idx u0, idx nu, double count) {
 DEFINE_KERNEL(f32, float)
 DEFINE_KERNEL(f64, double)
 
-/* unit_stats(data, dtype, A, U, B, sA, sU, sB, out, budget, saturation, centre, threshold)
- * dtype: 0 float32, 1 float64. data and out are addresses (int). */
+/* Whether single_pass_f32 takes this layout (its per-unit results then do not depend on the other units) */
+static int single_layout(const Job *j) {
+#ifdef GP_AVX2_PATH
+    if (j->dtype != 0 || !have_avx2) return 0;
+    if (j->B == 1 && j->sU == 1 && j->U >= 16) return 1;
+    if (j->sB == 1 && j->sU == j->B && j->B >= 8) return 1;
+#else
+    (void)j;
+#endif
+    return 0;
+}
+
+static void run_job(Job *j) {
+    if (j->dtype == 0)
+        run_f32(j, (const float *)j->data);
+    else
+        run_f64(j, (const double *)j->data);
+}
+
+static void job_work(void *ctx, idx i) { run_job((Job *)ctx + i); }
+
+/* unit_stats(data, dtype, A, U, B, sA, sU, sB, out, budget, saturation, centre, threshold[, threads])
+ * dtype: 0 float32, 1 float64. data and out are addresses (int). With threads > 1, a large tensor of a
+ * one-pass layout is split into ranges of units (starting at multiples of 16) read by up to `threads`
+ * threads of torch's OpenMP pool; every statistic is the same to the bit as on one thread. */
 static PyObject *unit_stats(PyObject *self, PyObject *args) {
     unsigned long long data, out;
-    int dtype, saturation;
+    int dtype, saturation, threads = 1;
     Job j;
     memset(&j, 0, sizeof j);
-    if (!PyArg_ParseTuple(args, "KinnnnnnKnidd", &data, &dtype, &j.A, &j.U, &j.B, &j.sA, &j.sU,
-                          &j.sB, &out, &j.budget, &saturation, &j.centre, &j.threshold))
+    if (!PyArg_ParseTuple(args, "KinnnnnnKnidd|i", &data, &dtype, &j.A, &j.U, &j.B, &j.sA, &j.sU,
+                          &j.sB, &out, &j.budget, &saturation, &j.centre, &j.threshold, &threads))
         return NULL;
     if (j.A < 0 || j.U <= 0 || j.B < 0 || j.budget < 1 || (dtype != 0 && dtype != 1)) {
         PyErr_SetString(PyExc_ValueError, "unit_stats: bad shape, budget or dtype");
         return NULL;
     }
     j.saturation = saturation;
+    j.dtype = dtype;
+    j.data = (const void *)(uintptr_t)data;
     const idx U = j.U;
     double *work = (double *)malloc(sizeof(double) * (size_t)U * 7);
     if (work == NULL) return PyErr_NoMemory();
@@ -875,17 +975,40 @@ static PyObject *unit_stats(PyObject *self, PyObject *args) {
         j.n[u] = 0.0;
         j.mean[u] = j.m2[u] = j.mx[u] = j.mn[u] = NAN;
     }
+    /* ranges of `per` units (a multiple of 16, at least 16; the last takes the rest, so none is shorter) */
+    idx per = U, parts = 1;
+    if (threads > 1 && j.A > 0 && j.B > 0 && single_layout(&j) && (double)j.A * (double)U * (double)j.B >= GP_TEAM_MIN) {
+        per = (U + threads - 1) / threads / 16 * 16;
+        per = per < 16 ? 16 : per;
+        parts = U / per;
+        if (parts < 2) per = U, parts = 1; /* fewer than 32 units */
+    }
+    Job *jobs = parts > 1 ? (Job *)malloc(sizeof(Job) * (size_t)parts) : NULL;
+    if (parts > 1 && jobs == NULL) parts = 1; /* no memory for the split: one thread */
+    if (parts > 1) {
+        find_pool();
+        const size_t size = dtype == 0 ? sizeof(float) : sizeof(double);
+        for (idx c = 0; c < parts; c++) {
+            const idx u0 = c * per;
+            Job *k = jobs + c;
+            *k = j;
+            k->U = c + 1 < parts ? per : U - u0;
+            k->data = (const char *)j.data + (size_t)(u0 * j.sU) * size;
+            k->mean += u0, k->m2 += u0, k->mx += u0, k->mn += u0, k->n += u0;
+            k->tsum += u0, k->tmax += u0, k->tmin += u0, k->tdev += u0, k->tsq += u0;
+            k->fhi += u0, k->flo += u0;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     if (j.A > 0 && j.B > 0) {
-        if (dtype == 0)
-            run_f32(&j, (const float *)(uintptr_t)data);
-        else
-            run_f64(&j, (const double *)(uintptr_t)data);
+        run_team(job_work, parts > 1 ? jobs : &j, parts, threads);
+        for (idx c = 0; c < parts && parts > 1; c++) j.nonzero += jobs[c].nonzero, j.saturated += jobs[c].saturated;
     }
     Py_END_ALLOW_THREADS
     res[4 * U] = j.nonzero;
     res[4 * U + 1] = saturation ? j.saturated : -1.0;
     res[4 * U + 2] = -1.0;
+    free(jobs);
     free(work);
     Py_RETURN_NONE;
 }
@@ -919,25 +1042,39 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* square_sums_many(items, out): square_sums over many tensors in one call (a model's parameters, their
- * gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k. */
+/* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
+ * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
+ * With threads > 1 the tensors are shared out whole among torch's OpenMP threads (the same bits). */
+typedef struct {
+    unsigned long long data;
+    int dtype;
+    idx n;
+} Item;
+
+typedef struct {
+    const Item *list;
+    double *res;
+} Items;
+
+static void item_work(void *ctx, idx i) {
+    const Items *m = (const Items *)ctx;
+    sums_one(m->list[i].data, m->list[i].dtype, m->list[i].n, m->res + 2 * i);
+}
+
 static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     PyObject *items;
     unsigned long long out;
-    if (!PyArg_ParseTuple(args, "OK", &items, &out)) return NULL;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OK|i", &items, &out, &threads)) return NULL;
     PyObject *seq = PySequence_Fast(items, "square_sums_many: items must be a sequence");
     if (seq == NULL) return NULL;
     const idx k = PySequence_Fast_GET_SIZE(seq);
-    typedef struct {
-        unsigned long long data;
-        int dtype;
-        idx n;
-    } Item;
     Item *list = (Item *)malloc(sizeof(Item) * (size_t)(k > 0 ? k : 1));
     if (list == NULL) {
         Py_DECREF(seq);
         return PyErr_NoMemory();
     }
+    double total = 0.0;
     for (idx i = 0; i < k; i++) {
         PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
         if (!PyArg_ParseTuple(it, "Kin", &list[i].data, &list[i].dtype, &list[i].n) || list[i].n < 0 ||
@@ -947,11 +1084,14 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
             Py_DECREF(seq);
             return NULL;
         }
+        total += (double)list[i].n;
     }
     Py_DECREF(seq);
-    double *res = (double *)(uintptr_t)out;
+    Items m = {list, (double *)(uintptr_t)out};
+    if (total < GP_TEAM_MIN) threads = 1;
+    if (threads > 1) find_pool();
     Py_BEGIN_ALLOW_THREADS
-    for (idx i = 0; i < k; i++) sums_one(list[i].data, list[i].dtype, list[i].n, res + 2 * i);
+    run_team(item_work, &m, k, threads); /* whole tensors per thread: each sum as on one thread */
     Py_END_ALLOW_THREADS
     free(list);
     Py_RETURN_NONE;
@@ -965,7 +1105,15 @@ static PyObject *info(PyObject *self, PyObject *args) {
     return PyUnicode_FromString("portable");
 }
 
+/* team(): the OpenMP runtime whose threads the kernel shares (None: one thread) and how many threads
+ * entered the last call that used it (1 when it ran on the caller's thread alone) */
+static PyObject *team(PyObject *self, PyObject *args) {
+    find_pool();
+    return Py_BuildValue("(zi)", pool_name, last_team);
+}
+
 static PyMethodDef methods[] = {
+    {"team", team, METH_NOARGS, "The OpenMP runtime shared (or None) and the threads of the last team."},
     {"info", info, METH_NOARGS, "Which loops run on this CPU: 'avx2' or 'portable'."},
     {"unit_stats", unit_stats, METH_VARARGS, "Per-unit statistics of a strided (A, U, B) tensor."},
     {"square_sums", square_sums, METH_VARARGS, "Sum and sum of squares of a contiguous tensor."},

@@ -658,6 +658,7 @@ def _kernel_summary(
         saturation is not None,
         float(centre),
         float(threshold),
+        torch.get_num_threads(),  # [perf] a large tensor is read by torch's own OpenMP threads
     )
     return _KernelSummary(a * b, u, out, saturation is not None)
 
@@ -949,7 +950,9 @@ def sums_of(tensors: Sequence[torch.Tensor], scratch: Scratch) -> torch.Tensor:
     """
     if KERNEL is not None and all(_kernel_can_read(t) and t.is_contiguous() for t in tensors):
         out = torch.empty(len(tensors), 2, dtype=torch.float64)
-        KERNEL.square_sums_many([(t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel()) for t in tensors], out.data_ptr())
+        KERNEL.square_sums_many(
+            [(t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel()) for t in tensors], out.data_ptr(), torch.get_num_threads()
+        )
         return out
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)

@@ -268,3 +268,138 @@ def test_contiguous_fast_path_equals_the_view_path(monkeypatch: pytest.MonkeyPat
         for p, q in zip(fast.pack(), slow.pack()):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
         assert (fast.rows, fast.calls) == (slow.rows, slow.calls)
+
+
+def _unit_stats(x: torch.Tensor, axis: int, threads: int, saturation: tuple[float, float] | None) -> torch.Tensor:
+    """The kernel's packed output for ``x`` (units on ``axis``) read with ``threads`` threads."""
+    v = as_units(x, axis)
+    a, u, b = v.shape
+    out = torch.full((4 * u + 3,), 7.0, dtype=torch.float64)
+    centre, threshold = saturation or (0.0, 0.0)
+    stats._kernel_module.unit_stats(
+        v.data_ptr(), stats._KERNEL_DTYPES[v.dtype], a, u, b, *v.stride(), out.data_ptr(), stats.KERNEL_TILE,
+        saturation is not None, centre, threshold, threads,
+    )
+    return out
+
+
+# the one-pass layouts, big enough (≥ 2¹⁵ values) to be split into ranges of units between threads:
+# rows of units (16-unit blocks; 13 and 1 units left over; a range shorter than 32), long runs, short
+# runs (with a tail), samples further apart than their units (a strided batch), a NaN, a 1e4 offset
+SPLIT_LAYOUTS = [
+    ((256, 1024), 1),
+    ((300, 1037), 1),
+    ((1200, 33), 1),
+    ((40, 100, 70), 1),
+    ((300, 64, 4, 4), 1),
+    ((150, 50, 7, 7), 1),
+    ((64, 40, 3, 200), 2),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,axis", SPLIT_LAYOUTS)
+def test_threads_split_units_with_the_same_bits(shape: tuple[int, ...], axis: int) -> None:
+    """A large tensor is read by torch's OpenMP threads, each a range of units: every statistic (means,
+    M2, extremes, zero and saturation counts) is bit-equal to one thread's, for 2 and 3 threads, and
+    matches a direct float64 computation."""
+    g = torch.Generator().manual_seed(len(shape) + shape[0])
+    x = torch.randn(shape, generator=g) * 1.5 + 0.25
+    x[x.abs() < 0.3] = 0.0
+    cases = [x, x[::2], x + 1e4]
+    nan = x.clone()
+    nan.view(-1)[12345] = float("nan")
+    cases.append(nan)
+    for case in cases:
+        one = _unit_stats(case, axis, 1, (0.0, 2.0))
+        for threads in (2, 3):
+            torch.testing.assert_close(_unit_stats(case, axis, threads, (0.0, 2.0)), one, rtol=0, atol=0, equal_nan=True)
+        assert stats._kernel_module.team()[1] >= 1
+    d = as_units(x[::2].double(), axis)
+    two = _unit_stats(x[::2], axis, 2, (0.0, 2.0))
+    u = d.shape[1]
+    np.testing.assert_allclose(two[:u].numpy(), d.mean(dim=(0, 2)).numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        two[u : 2 * u].numpy(), (d.var(dim=(0, 2), unbiased=False) * d.shape[0] * d.shape[2]).numpy(), rtol=1e-12
+    )
+    np.testing.assert_array_equal(two[2 * u : 3 * u].numpy(), d.amax(dim=(0, 2)).numpy())
+    np.testing.assert_array_equal(two[3 * u : 4 * u].numpy(), d.amin(dim=(0, 2)).numpy())
+    assert two[4 * u].item() == int((d != 0).sum())
+    assert two[4 * u + 1].item() == int((d.abs() > 2.0).sum())  # counted per sample: samples not adjacent
+
+
+@needs_kernel
+def test_parameter_sums_share_out_whole_tensors_between_threads() -> None:
+    """square_sums_many with threads: each tensor summed whole by one thread, so the same bits as one
+    thread (sizes around a vector, float32 and float64)."""
+    g = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(n, generator=g) * 3 + 1 for n in (70000, 9, 8, 40001, 0, 1)]
+    tensors.append(torch.randn(30000, generator=g, dtype=torch.float64))
+    items = [(t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel()) for t in tensors]
+    one = torch.empty(len(tensors), 2, dtype=torch.float64)
+    stats._kernel_module.square_sums_many(items, one.data_ptr(), 1)
+    for threads in (2, 3):
+        many = torch.empty_like(one)
+        stats._kernel_module.square_sums_many(items, many.data_ptr(), threads)
+        assert torch.equal(many, one)
+    want = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
+    torch.testing.assert_close(one, want, rtol=1e-13, atol=1e-12)
+
+
+@needs_kernel
+def test_threads_come_from_torchs_openmp_pool() -> None:
+    """Where torch runs on OpenMP (Linux builds), the kernel finds that runtime (never loading one of
+    its own) and a large tensor is read by a team of the requested size; small ones, or threads=1,
+    stay on the caller's thread."""
+    if "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"):
+        pytest.skip("torch does not run on OpenMP here")
+    runtime, _ = stats._kernel_module.team()
+    assert runtime is not None
+    x = torch.randn(256, 1024)
+    _unit_stats(x, 1, 2, None)
+    assert stats._kernel_module.team() == (runtime, 2)
+    _unit_stats(x, 1, 1, None)
+    assert stats._kernel_module.team() == (runtime, 1)
+    _unit_stats(torch.randn(64, 64), 1, 2, None)  # 4096 values: not worth waking a thread
+    assert stats._kernel_module.team() == (runtime, 1)
+    w = [torch.randn(1 << 16) for _ in range(2)]
+    out = torch.empty(2, 2, dtype=torch.float64)
+    stats._kernel_module.square_sums_many([(t.data_ptr(), 0, t.numel()) for t in w], out.data_ptr(), 2)
+    assert stats._kernel_module.team() == (runtime, 2)
+
+
+@needs_kernel
+def test_a_probe_reads_with_torchs_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe passes torch.get_num_threads() to every kernel call (torch.set_num_threads(1) keeps
+    the statistics on one thread), and the report is the same either way."""
+    monkeypatch.setattr(stats, "KERNEL", stats._kernel_module)
+    seen: list[int] = []
+    real = stats._kernel_module
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def unit_stats(self, *args: object) -> None:
+            seen.append(int(args[-1]))  # type: ignore[call-overload]
+            real.unit_stats(*args)
+
+        def square_sums_many(self, *args: object) -> None:
+            seen.append(int(args[-1]))  # type: ignore[call-overload]
+            real.square_sums_many(*args)
+
+    monkeypatch.setattr(stats, "KERNEL", Spy())
+    net = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    x = torch.randn(128, 512)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = probe(net, x, init="kaiming_normal", diagnose=False)
+        assert seen and set(seen) == {2}
+        seen.clear()
+        torch.set_num_threads(1)
+        one = probe(net, x, init="kaiming_normal", diagnose=False)
+        assert seen and set(seen) == {1}
+    finally:
+        torch.set_num_threads(saved)
+    assert two.to_dict()["layers"] == one.to_dict()["layers"]

@@ -116,11 +116,11 @@ def any_rank(flag: bool, group: Any = None) -> bool:
 
 
 def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None
-    return DTensor  # type: ignore[no-any-return]
+    """``DTensor``, if anything in this process could have made one: a DTensor exists only once
+    ``torch.distributed.tensor`` was imported, and importing it here would cost every first probe ~1 s
+    (it pulls in sympy)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_sharded(t: Any) -> bool:

@@ -289,3 +289,42 @@ def test_no_deep_copy_of_the_model_anywhere(monkeypatch: pytest.MonkeyPatch) -> 
     report = probe(model, x, init="default", gate_check=True, suggest=True)  # every extra pass
     assert "gate_check" in report.meta
     probe(model, x)
+
+
+def test_a_cpu_probe_seeds_only_the_cpu_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout masks come from the global CPU generator, seeded per pass; torch.manual_seed would also
+    seed every accelerator's (queuing a lazy call with a formatted stack where CUDA is present but not
+    initialised, left behind after the probe). The masks stay the same from one probe to the next and
+    change with the seed; the caller's CPU generator is restored."""
+    calls: list[int] = []
+    real = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (calls.append(s), real(s))[1])
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 8))
+    x = torch.randn(64, 32)
+    state = torch.get_rng_state()
+    first = probe(net, x, init="kaiming_normal", diagnose=False).to_dict()["layers"]
+    again = probe(net, x, init="kaiming_normal", diagnose=False).to_dict()["layers"]
+    other = probe(net, x, init="kaiming_normal", diagnose=False, seed=1).to_dict()["layers"]
+    assert calls == []
+    assert first == again and first != other
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_first_probe_does_not_import_torch_distributed_tensor() -> None:
+    """DTensor shards are looked for only once torch.distributed.tensor is imported (nothing else can
+    make one): importing it for every first probe cost ~0.9 s here (it pulls in sympy)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, torch, gradprobe
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        gradprobe.probe(net, torch.randn(16, 8), init="kaiming_normal")
+        print("torch.distributed.tensor" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -614,13 +614,15 @@ def _summarize(v: torch.Tensor, scratch: Scratch, saturation: tuple[float, float
 def _kernel_can_read(v: torch.Tensor) -> bool:
     """Whether the C kernel can read ``v`` through its data pointer: a plain strided float32/float64
     tensor in host memory (not a subclass such as a fake or functional tensor, not a lazy negation)."""
+    # [perf] cheapest checks first (~0.5 µs for a contiguous tensor; called for every recorded
+    # tensor and every parameter): `is_cpu`, not `device.type`, and strides only when not contiguous
     return (
-        v.device.type == "cpu"
+        (type(v) is torch.Tensor or type(v) is torch.nn.Parameter)
+        and v.is_cpu
         and v.dtype in _KERNEL_DTYPES
-        and (type(v) is torch.Tensor or type(v) is torch.nn.Parameter)
         and v.layout == torch.strided
         and not v.is_neg()
-        and min(v.stride(), default=0) >= 0
+        and (v.is_contiguous() or min(v.stride(), default=0) >= 0)
     )
 
 

@@ -153,6 +153,14 @@ def test_the_kernel_is_not_given_what_it_cannot_read() -> None:
     assert not stats._kernel_can_read(torch.randn(4, 4, device="meta"))
     assert not stats._kernel_can_read(torch.randn(4, 4)._neg_view())
     assert stats._kernel_can_read(torch.randn(4, 6)[:, 1:3])
+    assert not stats._kernel_can_read(torch.randn(4, 4).to_sparse())
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not stats._kernel_can_read(torch.randn(4, 4).as_subclass(Sub))
+    assert stats._kernel_can_read(torch.tensor(0.5, dtype=torch.float64))
+    assert stats._kernel_can_read(nn.Parameter(torch.randn(3, 2)))
 
 
 @needs_kernel

@@ -62,6 +62,8 @@ static const char *pool_name = NULL;
 
 /* below this many values one thread is faster than waking a second (~10 µs) */
 #define GP_TEAM_MIN (1 << 15)
+/* ranges of units per thread: a thread that starts late (woken from sleep) takes fewer */
+#define GP_TEAM_PARTS 4
 
 #if defined(__linux__) && defined(__GNUC__)
 #include <dlfcn.h>
@@ -978,7 +980,7 @@ static PyObject *unit_stats(PyObject *self, PyObject *args) {
     /* ranges of `per` units (a multiple of 16, at least 16; the last takes the rest, so none is shorter) */
     idx per = U, parts = 1;
     if (threads > 1 && j.A > 0 && j.B > 0 && single_layout(&j) && (double)j.A * (double)U * (double)j.B >= GP_TEAM_MIN) {
-        per = (U + threads - 1) / threads / 16 * 16;
+        per = (U + GP_TEAM_PARTS * threads - 1) / (GP_TEAM_PARTS * threads) / 16 * 16;
         per = per < 16 ? 16 : per;
         parts = U / per;
         if (parts < 2) per = U, parts = 1; /* fewer than 32 units */

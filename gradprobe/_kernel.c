@@ -1004,7 +1004,8 @@ static PyObject *unit_stats(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (j.A > 0 && j.B > 0) {
         run_team(job_work, parts > 1 ? jobs : &j, parts, threads);
-        for (idx c = 0; c < parts && parts > 1; c++) j.nonzero += jobs[c].nonzero, j.saturated += jobs[c].saturated;
+        if (parts > 1)
+            for (idx c = 0; c < parts; c++) j.nonzero += jobs[c].nonzero, j.saturated += jobs[c].saturated;
     }
     Py_END_ALLOW_THREADS
     res[4 * U] = j.nonzero;
@@ -1044,9 +1045,7 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
- * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
- * With threads > 1 the tensors are shared out whole among torch's OpenMP threads (the same bits). */
+/* one tensor of square_sums_many; the call's tensors and where their sums go */
 typedef struct {
     unsigned long long data;
     int dtype;
@@ -1063,6 +1062,9 @@ static void item_work(void *ctx, idx i) {
     sums_one(m->list[i].data, m->list[i].dtype, m->list[i].n, m->res + 2 * i);
 }
 
+/* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
+ * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
+ * With threads > 1 the tensors are shared out whole among torch's OpenMP threads (the same bits). */
 static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     PyObject *items;
     unsigned long long out;

@@ -46,3 +46,33 @@ def test_quick_run_writes_every_field_and_attributes_the_breakdown(tmp_path: Pat
     table = (tmp_path / "benchmark.md").read_text()
     assert "| (a) MLP 4×128, batch 32 |" in table and "total above bare" in table
     assert "statistics by" in table  # which statistics path ran
+
+
+def test_kernel_threads_script_pairs_both_ways_and_times_the_kernel() -> None:
+    """scripts/bench_kernel_threads.py: both variants go through the kernel (its time is summed on
+    each side) and "one" really pins the kernel to one thread while "team" passes the probe's count."""
+    import pytest
+    import torch
+
+    import gradprobe.stats as stats
+
+    if stats._kernel_module is None:
+        pytest.skip("the C kernel is not built here")
+    path = SCRIPT.with_name("bench_kernel_threads.py")
+    spec = importlib.util.spec_from_file_location("gradprobe_bench_kernel_threads", path)
+    assert spec is not None and spec.loader is not None
+    threads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(threads)
+    result = threads.paired("mlp", 2, quick=True)
+    assert result["kernel_team_ms"] > 0 and result["kernel_one_ms"] > 0
+    assert 0.0 <= result["team_faster"] <= 1.0 and result["q1_ms"] <= result["q3_ms"]
+    x = torch.randn(256, 1024)
+    out = torch.empty(4 * 1024 + 3, dtype=torch.float64)
+    args = (x.data_ptr(), 0, 256, 1024, 1, 1024, 1, 1, out.data_ptr(), stats.KERNEL_TILE, 0, 0.0, 0.0, 2)
+    runtime, _ = stats._kernel_module.team()
+    threads._Kernel(1).unit_stats(*args)
+    assert stats._kernel_module.team()[1] == 1
+    if runtime is not None:
+        threads._Kernel(None).unit_stats(*args)
+        assert stats._kernel_module.team()[1] == 2
+    assert threads.main(["--quick", "--configs", "mlp", "--repeats", "2"]) == 0

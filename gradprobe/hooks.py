@@ -7,6 +7,10 @@ identity``) with "Output 0 of BackwardHookFunction is a view and is being modifi
 fires for dict/dataclass outputs, and costs several times more per module. A tensor hook registered
 before an in-place op receives the gradient with respect to the value the module produced.
 
+Tensor hooks on the parameters (:class:`GradientSums`) sum each parameter's gradient as autograd makes
+it and let it go, so that a probe never holds all of a model's gradients at once; they are removed on
+exit, and a parameter that had no tensor hooks is given none back.
+
 Also here: the rule for which axis holds units, the output-selection rule, and
 :class:`ActivationTracer`, which watches torch function calls during a forward pass to find the
 nonlinearity that actually follows each weighted layer at run time (module or functional, looking
@@ -27,11 +31,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradprobe.stats import DeviceMoments, Scratch
+from gradprobe.stats import DeviceMoments, Scratch, sums_of
 
 __all__ = [
     "ModuleState",
     "Recorder",
+    "GradientSums",
     "ActivationTracer",
     "select_output",
     "unit_axis",
@@ -350,6 +355,103 @@ class Recorder:
                 st.grad.add(g, axis, None, exact, hist)
 
         return grad_hook
+
+
+# Gradients queued before one summing call: a few of them, still in the last-level cache.
+GRADIENT_QUEUE_BYTES = 8 << 20
+
+
+class GradientSums:
+    """Σg² of every parameter's gradient, taken as autograd produces it, and the gradient let go.
+
+    A tensor hook on each parameter (a leaf: ``torch.autograd.grad`` runs it on the gradient before
+    it captures it) queues the gradient and returns a zero-strided stand-in of the same shape (one
+    scalar, expanded), so the probe does not hold every gradient of the model at once, as a bare
+    ``autograd.grad`` over all parameters does: a (20 × 1024)-wide MLP holds 80 MiB of gradients at
+    its peak. The queue is summed (:func:`gradprobe.stats.sums_of`, one kernel call) whenever it holds
+    :data:`GRADIENT_QUEUE_BYTES`, and at the end of each backward pass (:meth:`flush`). No host sync.
+
+    Gradients of the parameters in :attr:`keep` (ids: those the symmetry analysis reads, found from
+    the weights before the passes) are summed too and returned unchanged. A parameter that is not a plain
+    tensor (a DTensor shard) gets no hook: the caller sums its gradient after the pass, as before.
+
+    Use as a context manager. On exit every hook is removed and a parameter that had no tensor hooks
+    before (``_backward_hooks`` None) gets None back, so it is left exactly as it was.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], scratch: Scratch) -> None:
+        self.params = list(params)
+        self.scratch = scratch
+        self.keep: set[int] = set()
+        self.sums: torch.Tensor | None = None  # Σ over the passes of ‖∇‖², float64, one per parameter
+        self.summed: set[int] = set()  # positions in `params` whose gradient a hook took this pass
+        self._queue: list[tuple[int, torch.Tensor]] = []
+        self._bytes = 0
+        self._handles: list[Any] = []
+        self._had_none: list[torch.Tensor] = []
+        self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def __enter__(self) -> GradientSums:
+        try:
+            for i, q in enumerate(self.params):
+                if type(q) is not nn.Parameter and type(q) is not torch.Tensor:
+                    continue
+                if q._backward_hooks is None:
+                    self._had_none.append(q)
+                self._handles.append(q.register_hook(self._make_hook(i)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for q in self._had_none:
+            if not q._backward_hooks:
+                q._backward_hooks = None
+        self._had_none.clear()
+        self._queue.clear()
+        self._bytes = 0
+
+    def _make_hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def hook(g: torch.Tensor) -> torch.Tensor | None:
+            self._queue.append((i, g))
+            self.summed.add(i)
+            self._bytes += g.numel() * g.element_size()
+            if self._bytes >= GRADIENT_QUEUE_BYTES:
+                self._sum_queue()
+            if id(self.params[i]) in self.keep:
+                return None
+            zero = self._zeros.get((g.dtype, g.device))
+            if zero is None:
+                zero = self._zeros[(g.dtype, g.device)] = torch.zeros((), dtype=g.dtype, device=g.device)
+            return zero.expand(g.shape)
+
+        return hook
+
+    def _sum_queue(self) -> None:
+        if not self._queue:
+            return
+        positions = [i for i, _ in self._queue]
+        with torch._C.DisableTorchFunction():
+            squares = sums_of([g for _, g in self._queue], self.scratch)[:, 1]
+            device = squares.device
+            if self.sums is None:
+                self.sums = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+            self.sums.index_add_(0, torch.tensor(positions, device=device), squares)
+        self._queue.clear()
+        self._bytes = 0
+
+    def flush(self) -> set[int]:
+        """Sum what is queued; return the positions summed in this pass (and start the next)."""
+        self._sum_queue()
+        summed, self.summed = self.summed, set()
+        return summed
 
 
 def describe_inputs(args: Any, kwargs: Any = None) -> str:

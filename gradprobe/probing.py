@@ -34,6 +34,7 @@ from gradprobe.distributed import any_rank, check_supported
 from gradprobe.errors import GradprobeError, ProbeError, UsageError
 from gradprobe.hooks import (
     ActivationTracer,
+    GradientSums,
     ModuleState,
     Recorder,
     describe_inputs,
@@ -472,6 +473,7 @@ class _Session:
         self.activations: dict[str, tuple[str, float | None]] = {}
         self.gains: dict[str, float] = {}
         self.init_desc: dict[str, str] = {}
+        self._unit_groups: Any = None  # gradprobe.diagnose.units.UnitGroups of the last passes
 
     # -- parameters and buffers ---------------------------------------------------------------
     def _new_tensors(self) -> tuple[dict[int, nn.Parameter] | None, dict[int, torch.Tensor]]:
@@ -624,14 +626,16 @@ class _Session:
             self._trace_activations(prepared[0], fresh_buffers, params)
             fresh_buffers = {k: v.clone() for k, v in buffers.items()}
         kept = self._initialise(params, fresh_buffers, prepared[0])
-        states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False)
+        # the symmetry analysis reads a few gradients: find which, from the weights, before the passes
+        needed = set() if self.sharded else self._keep_gradients(params)
+        states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False, keep=needed)
         layers = self._layers(states, param_stats)
         if any_rank(  # [distributed] every rank or none re-runs: under FSDP2 a forward is a collective
             any(x.act is not None and x.act.moments.nonfinite_units for x in layers)
             or any(x.grad is not None and x.grad.moments.nonfinite_units for x in layers)
         ):
             # Rare: count non-finite values exactly and check module inputs, in a second identical pass.
-            states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=True)
+            states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=True, keep=needed)
             layers = self._layers(states, param_stats)
             for layer in layers:
                 layer.extra["inputs_finite"] = states[layer.name].inputs_finite
@@ -737,7 +741,15 @@ class _Session:
         buffers: dict[int, torch.Tensor],
         *,
         exact_nonfinite: bool,
+        keep: Iterable[int] = (),
     ) -> tuple[dict[str, ModuleState], ParamTable, dict[int, torch.Tensor]]:
+        """Forward and backward over the batches with the recorder attached.
+
+        Returns the recorder's states, the parameter table and the last batch's gradients of the
+        parameters in ``keep`` (ids; those the symmetry analysis reads: :meth:`_keep_gradients`) and
+        of any parameter without a hook; every other gradient is summed as autograd produces it and
+        let go (:class:`~gradprobe.hooks.GradientSums`).
+        """
         seed_global_rng(stream_seed(self.cfg.seed, "dropout"), self.device)  # dropout: the same masks every time
         loss_gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "loss"))
         run_buffers = {k: v.clone() for k, v in buffers.items()}
@@ -751,6 +763,7 @@ class _Session:
         # Σ‖∇‖² per trainable parameter over the batches (a float64 tensor, made at the first gradient)
         grad_sq: torch.Tensor | None = None
         last_grads: dict[int, torch.Tensor] = {}
+        with_gradient: set[int] = set()  # ids of the parameters that got a gradient
         recorder = Recorder(
             self.model,
             self.modules,
@@ -759,7 +772,11 @@ class _Session:
             histograms=self.cfg.histograms,
         )
         tracer = ActivationTracer(self.model) if self.keep and not exact_nonfinite else None
-        with swapped(self.model, params, run_buffers), recorder:
+        # [perf] every gradient summed as it is made and let go, as a bare pass cannot: it returns them
+        # all (no hooks on DTensor shards: those are summed below, across their mesh)
+        gradient_sums = GradientSums([] if self.sharded else trainable, recorder.scratch)
+        gradient_sums.keep = set(keep)
+        with swapped(self.model, params, run_buffers), recorder, gradient_sums:
             for batch in prepared:
                 with tracer.attached() if tracer is not None else contextlib.nullcontext():
                     raw = self._forward(recorder, batch)
@@ -781,17 +798,25 @@ class _Session:
                     grads = torch.autograd.grad(value, targets, allow_unused=True)
                 except RuntimeError as e:
                     raise ProbeError(f"backward failed: {e}") from e
+                summed = gradient_sums.flush()
                 present = [i for i, g in enumerate(grads[: len(trainable)]) if g is not None]
-                if present:
-                    # [perf] every gradient's Σg² in one kernel call (gradprobe.stats.sums_of); no host sync
-                    sq = sums_of([grads[i] for i in present], recorder.scratch)[:, 1]
+                rest = [i for i in present if i not in summed]  # gradients no hook took
+                if rest:
+                    # [perf] their Σg² in one kernel call (gradprobe.stats.sums_of); no host sync
+                    sq = sums_of([grads[i] for i in rest], recorder.scratch)[:, 1]
                     if grad_sq is None:
                         grad_sq = torch.zeros(len(trainable), dtype=torch.float64, device=sq.device)
-                    grad_sq.index_add_(0, torch.tensor(present, device=sq.device), sq.to(grad_sq.device))
-                    for i in present:
-                        last_grads[id(trainable[i])] = grads[i]
+                    grad_sq.index_add_(0, torch.tensor(rest, device=sq.device), sq.to(grad_sq.device))
+                for i in present:
+                    q = trainable[i]
+                    with_gradient.add(id(q))
+                    if i not in summed or id(q) in gradient_sums.keep:
+                        last_grads[id(q)] = grads[i]  # (the others are zero-strided stand-ins)
             if tracer is not None:
                 self.activations = dict(tracer.found)
+        if gradient_sums.sums is not None:
+            hooked = gradient_sums.sums
+            grad_sq = hooked if grad_sq is None else grad_sq + hooked.to(grad_sq.device)
         # Parameter statistics: one (rows, 3) float64 table [Σw, Σw², ‖∇‖² or −1], a row per parameter of
         # each recorded module, transferred with everything else (divided by the size on the host).
         index = {id(q): i for i, q in enumerate(trainable)}
@@ -814,7 +839,7 @@ class _Session:
                 rows_of.setdefault(name, []).append(len(weight_rows))
                 weight_rows.append(unique[id(q)])
                 position = index.get(id(q))
-                grad_rows.append(position if position is not None and id(q) in last_grads else len(trainable))
+                grad_rows.append(position if position is not None and id(q) in with_gradient else len(trainable))
         table = None
         if tensors:
             # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
@@ -832,6 +857,24 @@ class _Session:
         param_stats = (table, rows_of)
         self._batches = len(prepared)
         return recorder.states, param_stats, last_grads
+
+    def _keep_gradients(self, params: dict[int, nn.Parameter] | None) -> set[int]:
+        """Ids of the parameters whose gradients the symmetry analysis may read (those of layers with
+        identical units and of the layers that can follow them: :func:`gradprobe.diagnose.units.group_units`,
+        from the weights alone). Grouped once, before the passes: inside them nothing reads a value."""
+        if self._unit_groups is None:
+            try:
+                from gradprobe.diagnose.units import group_units
+            except ImportError:  # the analysis is optional: nothing reads the gradients
+                return set()
+            self._unit_groups = group_units(self.model, self.modules, params)
+        keep: set[int] = set()
+        modules = self.modules
+        for name in self._unit_groups.gradients_needed:
+            for p in modules[name]._parameters.values():
+                if p is not None:
+                    keep.add(id(p if params is None else params.get(id(p), p)))
+        return keep
 
     # -- results ------------------------------------------------------------------------------
     def _layers(self, states: dict[str, ModuleState], param_stats: ParamTable) -> list[LayerRecord]:
@@ -979,7 +1022,7 @@ class _Session:
             from gradprobe.diagnose.units import analyse_units
         except ImportError:
             return
-        analyse_units(report, self.model, params, grads)
+        analyse_units(report, self.model, params, grads, groups=self._unit_groups)
 
 
 def _leaves_of(batch: Batch) -> list[torch.Tensor]:

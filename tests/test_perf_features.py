@@ -328,3 +328,97 @@ def test_a_first_probe_does_not_import_torch_distributed_tensor() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------
+# parameter gradients: summed as autograd makes them, then let go
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_bytes", [1, None])
+def test_parameter_gradients_are_let_go_as_autograd_makes_them(
+    queue_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare ``autograd.grad`` over all parameters holds every gradient until it returns; the probe
+    holds at most its queue (``GRADIENT_QUEUE_BYTES``) besides the gradient being made, and keeps
+    only the gradients the symmetry analysis reads (none in a randomly initialised MLP)."""
+    import weakref
+
+    import gradprobe.hooks as hooks
+
+    if queue_bytes is not None:
+        monkeypatch.setattr(hooks, "GRADIENT_QUEUE_BYTES", queue_bytes)
+    limit = hooks.GRADIENT_QUEUE_BYTES
+    made: list[tuple[weakref.ref[torch.Tensor], int]] = []
+    most = [0]
+    make_hook = hooks.GradientSums._make_hook
+
+    def watched(self: hooks.GradientSums, i: int) -> Any:
+        hook = make_hook(self, i)
+
+        def wrapper(g: torch.Tensor) -> Any:
+            held = sum(size for ref, size in made if ref() is not None)
+            most[0] = max(most[0], held)
+            made.append((weakref.ref(g), g.numel() * g.element_size()))
+            return hook(g)
+
+        return wrapper
+
+    monkeypatch.setattr(hooks.GradientSums, "_make_hook", watched)
+    kept: dict[str, Any] = {}
+    monkeypatch.setattr(_Session, "_attach_unit_analysis", lambda self, report, params, grads: kept.update(grads))
+    torch.manual_seed(0)
+    model = zoo.mlp(depth=6, width=1024)
+    probe(model, torch.randn(8, 1024), diagnose=False, gate_check=False)
+    sizes = sorted(size for _, size in made)
+    assert len(made) == 14 and sizes[-1] == 1024 * 1024 * 4  # every weight and bias, once
+    assert sum(sizes) > 2 * limit  # more than the queue holds
+    assert most[0] <= (0 if queue_bytes == 1 else limit), most[0]  # at most the queue was held
+    assert all(ref() is None for ref, _ in made) and not kept
+
+
+def test_gradients_of_identical_units_are_kept_for_the_symmetry_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zero-initialised layer has identical units: its gradients and those of the layer after it
+    reach the analysis (and decide it), the others do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    kept: dict[int, torch.Tensor] = {}
+    analyse = _Session._attach_unit_analysis
+
+    def capture(self: _Session, report: Any, params: Any, grads: dict[int, torch.Tensor]) -> None:
+        kept.update(grads)
+        analyse(self, report, params, grads)
+
+    monkeypatch.setattr(_Session, "_attach_unit_analysis", capture)
+    report = probe(model, torch.randn(32, 8), overrides={"2": "zeros"}, init="xavier_normal", gate_check=False)
+    assert len(kept) == 4  # weight and bias of "2" (identical units) and of "4" (reads 16 inputs)
+    assert report["2"].extra["symmetry"]["zero_gradient"]["groups"] == 0
+    assert report["2"].extra["symmetry"]["broken"]["groups"] == 1  # decided by its gradients
+    assert ("tie_broken_by_gradients", ("2",)) in {(f.code, tuple(f.layers)) for f in report.findings}
+
+
+def test_parameter_hooks_are_removed_and_the_users_own_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hooks on the user's parameters (init="keep") are gone after the probe, also when it fails: a
+    parameter without tensor hooks has ``_backward_hooks`` None again, and the user's own hook stays,
+    having run as in any backward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls = []
+
+    def users_hook(g: torch.Tensor) -> None:
+        calls.append(g.shape)
+
+    model[2].weight.register_hook(users_hook)
+    own = dict(model[2].weight._backward_hooks)
+    batches = [torch.randn(3, 4), torch.randn(5, 4)]
+    probe(model, batches, diagnose=False, gate_check=False)
+    assert len(calls) == 2
+    assert dict(model[2].weight._backward_hooks) == own
+    assert all(model[i].bias._backward_hooks is None for i in (0, 2)) and model[0].weight._backward_hooks is None
+
+    def failing(y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(Exception, match="boom"):
+        probe(model, batches, loss=failing, diagnose=False, gate_check=False)
+    assert model[0].weight._backward_hooks is None and dict(model[2].weight._backward_hooks) == own

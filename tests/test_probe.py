@@ -44,6 +44,11 @@ def snapshot(model: nn.Module) -> dict[str, object]:
             for k, m in model.named_modules()
         },
         "param_ids": {k: id(v) for k, v in model.named_parameters()},
+        # tensor hooks on the parameters (the probe hooks them while it runs: gradprobe.hooks.GradientSums)
+        "tensor_hooks": {
+            k: None if v._backward_hooks is None else list(v._backward_hooks.items())
+            for k, v in model.named_parameters()
+        },
         "rng": torch.get_rng_state().clone(),
         "py_rng": random.getstate(),
         "np_rng": np.random.get_state()[1].copy(),
@@ -60,7 +65,7 @@ def assert_untouched(model: nn.Module, before: dict[str, object]) -> None:
     for k, g in before["grads"].items():  # type: ignore[attr-defined]
         g2 = after["grads"][k]  # type: ignore[index]
         assert (g is None and g2 is None) or torch.equal(g, g2), f"grad of {k} changed"
-    for key in ("grad_ids", "training", "hooks", "param_ids", "py_rng"):
+    for key in ("grad_ids", "training", "hooks", "param_ids", "tensor_hooks", "py_rng"):
         assert before[key] == after[key], key
     assert torch.equal(before["rng"], after["rng"])  # type: ignore[arg-type]
     assert np.array_equal(before["np_rng"], after["np_rng"])  # type: ignore[arg-type]

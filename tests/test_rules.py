@@ -26,7 +26,7 @@ from gradprobe.diagnose.rules import (
     zero_gate_rule,
 )
 from gradprobe.diagnose.suggest import depth_fix, init_for_activation, weight_scale_match
-from gradprobe.diagnose.units import analyse_units, group_rows, unit_features
+from gradprobe.diagnose.units import analyse_units, group_rows, group_units, unit_features
 from gradprobe.errors import UsageError
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
 from gradprobe.stats import Moments
@@ -1001,6 +1001,39 @@ def test_analyse_units_locked_broken_and_zero_gradient() -> None:
     analyse_units(report, model, None, grads)
     assert report["0"].extra["symmetry"]["locked"] == {"groups": 1, "units": 5}
     assert [f.code for f in symmetry_rule(report, THR)] == ["symmetry", "tie_broken_by_gradients"]
+
+
+def test_group_units_names_the_gradients_the_analysis_reads() -> None:
+    """The probe groups units from the weights before its passes and keeps only the gradients of
+    layers with identical units and of the layers that can follow them (input width = their units);
+    the analysis from those gradients alone equals the analysis from every gradient."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 5), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+    names = ["0", "1", "2", "3"]
+    groups = group_units(model, names, None)
+    assert groups.gradients_needed == {"1", "2"}  # "0" has no identical units, "3" reads 5 inputs
+    assert set(groups.found) == set(names) and [g for _, g in groups.found["1"]] == [[list(range(8))]]
+    grads = {id(p): torch.randn_like(p) for p in model.parameters()}
+    grads[id(model[2].weight)][:, 1] = grads[id(model[2].weight)][:, 0]
+    full, kept = _report_for(model), _report_for(model)
+    analyse_units(full, model, None, grads)
+    needed = {id(p) for n in groups.gradients_needed for p in model[int(n)].parameters()}
+    analyse_units(kept, model, None, {k: g for k, g in grads.items() if k in needed}, groups=groups)
+    assert [x.extra["symmetry"] for x in kept.layers] == [x.extra["symmetry"] for x in full.layers]
+    assert full["1"].extra["symmetry"]["zero_gradient"]["groups"] == 0  # random gradients: broken
+    # the zero layer's gradients are what decide: without them the layer would read as frozen
+    analyse_units(kept, model, None, {}, groups=groups)
+    assert kept["1"].extra["symmetry"]["frozen"]["groups"] == 1
+    # a layer the early grouping did not cover is grouped by the analysis itself
+    partial = group_units(model, ["0", "2"], None)
+    analyse_units(kept, model, None, grads, groups=partial)
+    assert [x.extra["symmetry"] for x in kept.layers] == [x.extra["symmetry"] for x in full.layers]
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    assert group_units(meta, ["0"], None).found == {}  # nothing to read on meta
 
 
 def test_analyse_units_uses_the_initialised_parameters() -> None:

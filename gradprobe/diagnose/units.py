@@ -29,7 +29,7 @@ gradient (:mod:`gradprobe.diagnose.grouping`: exact integer signatures, then an 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,15 @@ from torch import nn
 from gradprobe.diagnose.grouping import group_identical_units
 from gradprobe.report import Report
 
-__all__ = ["analyse_units", "unit_features", "group_rows", "gradient_rtol", "EXAMPLES"]
+__all__ = [
+    "analyse_units",
+    "group_units",
+    "UnitGroups",
+    "unit_features",
+    "group_rows",
+    "gradient_rtol",
+    "EXAMPLES",
+]
 
 EXAMPLES = 4  # example groups kept per layer
 _EXAMPLE_UNITS = 8  # unit indices kept per example group
@@ -210,17 +218,27 @@ def _outgoing(
     return "distinct" if _classify([grad_columns], idx, rtol) == "broken" else "identical"
 
 
+Found = list[tuple[UnitSet, list[list[int]]]]
+
+
+def _group_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Found:
+    """The unit sets of ``module`` with their groups of identical units (weights alone)."""
+    return [(s, group_rows([t for _, t in s.parts])) for s in unit_features(module, tensors)]
+
+
 def _analyse_module(
     module: nn.Module,
     tensors: Mapping[str, torch.Tensor],
     gradients: Mapping[str, torch.Tensor | None],
     next_module: tuple[nn.Module, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor | None]] | None,
+    found: Found | None = None,
 ) -> dict[str, Any] | None:
-    sets = unit_features(module, tensors)
-    if not sets:
+    if found is None:
+        found = _group_module(module, tensors)
+    if not found:
         return None
+    sets = [s for s, _ in found]
     trainable = {k: g for k, g in gradients.items() if g is not None}
-    found = [(s, group_rows([t for _, t in s.parts])) for s in sets]
     # Gradient rows and the next layer's columns (a transposed copy of its weight) are read only
     # for layers that have identical units: most layers have none.
     grad_sets: dict[str, UnitSet] = {}
@@ -299,12 +317,53 @@ def _named_tensors(
     return tensors, gradients
 
 
+@dataclass
+class UnitGroups:
+    """The half of :func:`analyse_units` that needs no gradient, done by the probe before its passes.
+
+    ``found``: per weighted layer, its unit sets and groups of identical units (from the weights).
+    ``gradients_needed``: the layers whose gradients :func:`analyse_units` may read: those with
+    identical units, and every weighted layer whose input width equals the units of such a layer
+    (the one after it in execution order is among them: its columns are their outgoing weights).
+    The probe keeps only those gradients and lets every other one go as autograd makes it.
+    """
+
+    found: dict[str, Found]
+    gradients_needed: set[str]
+
+
+@torch.no_grad()
+def group_units(
+    model: nn.Module, names: Iterable[str], params: Mapping[int, nn.Parameter] | None
+) -> UnitGroups:
+    """Group the identical units of every weighted layer among ``names`` (module names, ``"model"``
+    for the root) from its weights alone; ``params`` as in :func:`analyse_units`. Layers whose
+    weights hold no values (the ``meta`` device) are left out."""
+    modules = {(name or "model"): m for name, m in model.named_modules()}
+    weighted = []
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            continue
+        tensors, _ = _named_tensors(module, params, {})
+        if any(t.dim() >= 2 for t in tensors.values()) and not any(t.is_meta for t in tensors.values()):
+            weighted.append((name, module, tensors))
+    found = {name: _group_module(module, tensors) for name, module, tensors in weighted}
+    widths = {s.units for sets in found.values() for s, groups in sets if groups}
+    needed = {name for name, sets in found.items() if any(groups for _, groups in sets)}
+    for name, module, tensors in weighted:
+        if any(_input_columns(module, tensors, units) is not None for units in widths):
+            needed.add(name)
+    return UnitGroups(found=found, gradients_needed=needed)
+
+
 @torch.no_grad()
 def analyse_units(
     report: Report,
     model: nn.Module,
     params: Mapping[int, nn.Parameter] | None,
     grads: Mapping[int, torch.Tensor],
+    groups: UnitGroups | None = None,
 ) -> None:
     """Attach ``layer.extra["symmetry"]`` to every recorded layer with a weight matrix.
 
@@ -313,7 +372,10 @@ def analyse_units(
         model: the user's model, read only.
         params: ``id(original parameter) → the initialised parameter used``; None when the model's
             own parameters were used (``init="keep"``).
-        grads: ``id(used parameter) → gradient of the last batch`` (absent for frozen/unused ones).
+        grads: ``id(used parameter) → gradient of the last batch`` (absent for frozen/unused ones;
+            with ``groups``, present at least for its ``gradients_needed``).
+        groups: :func:`group_units` of the same weights, made earlier (by the probe, before its
+            passes); a layer it does not cover is grouped here.
     """
     modules = {(name or "model"): m for name, m in model.named_modules()}
     weighted = []
@@ -328,6 +390,7 @@ def analyse_units(
         following = None
         if i + 1 < len(weighted):
             following = (weighted[i + 1][1], weighted[i + 1][2], weighted[i + 1][3])
-        result = _analyse_module(module, tensors, gradients, following)
+        found = None if groups is None else groups.found.get(layer.name)
+        result = _analyse_module(module, tensors, gradients, following, found)
         if result is not None:
             layer.extra["symmetry"] = result

@@ -1045,7 +1045,7 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* one tensor of square_sums_many; the call's tensors and where their sums go */
+/* one piece of a tensor of square_sums_many: its values, and where its partial sums go */
 typedef struct {
     unsigned long long data;
     int dtype;
@@ -1062,9 +1062,15 @@ static void item_work(void *ctx, idx i) {
     sums_one(m->list[i].data, m->list[i].dtype, m->list[i].n, m->res + 2 * i);
 }
 
+/* values per piece: a tensor is summed in pieces of this many values (the threads share out pieces, so
+ * one large tensor, a gradient as autograd makes it, is read by all of them), then its pieces' sums are
+ * added in order. The pieces depend on the sizes alone: the same bits on any number of threads. */
+#define GP_SUM_PIECE (1 << 18)
+
 /* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
  * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
- * With threads > 1 the tensors are shared out whole among torch's OpenMP threads (the same bits). */
+ * A tensor of at most GP_SUM_PIECE values is summed as square_sums sums it; a larger one piece by piece.
+ * With threads > 1 the pieces are shared out among torch's OpenMP threads (the same bits). */
 static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     PyObject *items;
     unsigned long long out;
@@ -1079,6 +1085,7 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     double total = 0.0;
+    idx pieces = 0;
     for (idx i = 0; i < k; i++) {
         PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
         if (!PyArg_ParseTuple(it, "Kin", &list[i].data, &list[i].dtype, &list[i].n) || list[i].n < 0 ||
@@ -1089,14 +1096,51 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
             return NULL;
         }
         total += (double)list[i].n;
+        pieces += list[i].n > GP_SUM_PIECE ? (list[i].n + GP_SUM_PIECE - 1) / GP_SUM_PIECE : 1;
     }
     Py_DECREF(seq);
-    Items m = {list, (double *)(uintptr_t)out};
+    double *res = (double *)(uintptr_t)out;
+    Item *work = pieces > k ? (Item *)malloc(sizeof(Item) * (size_t)pieces) : list;
+    double *partial = pieces > k ? (double *)malloc(sizeof(double) * 2 * (size_t)pieces) : res;
+    if (pieces > k && (work == NULL || partial == NULL)) {
+        if (work != list) free(work);
+        if (partial != res) free(partial);
+        free(list);
+        return PyErr_NoMemory();
+    }
+    if (work != list) {
+        idx c = 0;
+        for (idx i = 0; i < k; i++) {
+            const size_t size = list[i].dtype == 0 ? sizeof(float) : sizeof(double);
+            idx start = 0;
+            do {
+                const idx n = list[i].n - start < GP_SUM_PIECE ? list[i].n - start : GP_SUM_PIECE;
+                work[c].data = list[i].data + (unsigned long long)((size_t)start * size);
+                work[c].dtype = list[i].dtype, work[c].n = n;
+                c++, start += n;
+            } while (start < list[i].n);
+        }
+    }
+    Items m = {work, partial};
     if (total < GP_TEAM_MIN) threads = 1;
     if (threads > 1) find_pool();
     Py_BEGIN_ALLOW_THREADS
-    run_team(item_work, &m, k, threads); /* whole tensors per thread: each sum as on one thread */
+    run_team(item_work, &m, pieces, threads); /* each piece as on one thread */
     Py_END_ALLOW_THREADS
+    if (work != list) {
+        idx c = 0;
+        for (idx i = 0; i < k; i++) {
+            double s = partial[2 * c], q = partial[2 * c + 1]; /* one piece: its own bits */
+            idx start = list[i].n < GP_SUM_PIECE ? list[i].n : GP_SUM_PIECE;
+            for (c++; start < list[i].n; c++) {
+                s += partial[2 * c], q += partial[2 * c + 1];
+                start += list[i].n - start < GP_SUM_PIECE ? list[i].n - start : GP_SUM_PIECE;
+            }
+            res[2 * i] = s, res[2 * i + 1] = q;
+        }
+        free(work);
+        free(partial);
+    }
     free(list);
     Py_RETURN_NONE;
 }

@@ -337,11 +337,16 @@ def test_threads_split_units_with_the_same_bits(shape: tuple[int, ...], axis: in
 
 
 @needs_kernel
-def test_parameter_sums_share_out_whole_tensors_between_threads() -> None:
-    """square_sums_many with threads: each tensor summed whole by one thread, so the same bits as one
-    thread (sizes around a vector, float32 and float64)."""
+def test_parameter_sums_share_out_pieces_between_threads() -> None:
+    """square_sums_many with threads: tensors cut into fixed pieces of 2^18 values (so that one large
+    gradient is read by every thread), each piece summed by one thread and the pieces added in order:
+    the same bits on any number of threads, a tensor of one piece the same bits as square_sums (sizes
+    around a vector and around a piece, float32 and float64)."""
+    piece = 1 << 18
     g = torch.Generator().manual_seed(6)
-    tensors = [torch.randn(n, generator=g) * 3 + 1 for n in (70000, 9, 8, 40001, 0, 1)]
+    sizes = (70000, 9, 8, 3 * piece + 5, 40001, 0, piece, piece + 1, 1)
+    tensors = [torch.randn(n, generator=g) * 3 + 1 for n in sizes]
+    tensors.append(torch.randn(2 * piece + 7, generator=g, dtype=torch.float64) - 2)
     tensors.append(torch.randn(30000, generator=g, dtype=torch.float64))
     items = [(t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel()) for t in tensors]
     one = torch.empty(len(tensors), 2, dtype=torch.float64)
@@ -352,6 +357,11 @@ def test_parameter_sums_share_out_whole_tensors_between_threads() -> None:
         assert torch.equal(many, one)
     want = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
     torch.testing.assert_close(one, want, rtol=1e-13, atol=1e-12)
+    for k, t in enumerate(tensors):
+        whole = torch.empty(2, dtype=torch.float64)
+        stats._kernel_module.square_sums(t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel(), whole.data_ptr())
+        if t.numel() <= piece:
+            assert torch.equal(one[k], whole), k
 
 
 @needs_kernel
@@ -373,6 +383,9 @@ def test_threads_come_from_torchs_openmp_pool() -> None:
     w = [torch.randn(1 << 16) for _ in range(2)]
     out = torch.empty(2, 2, dtype=torch.float64)
     stats._kernel_module.square_sums_many([(t.data_ptr(), 0, t.numel()) for t in w], out.data_ptr(), 2)
+    assert stats._kernel_module.team() == (runtime, 2)
+    big = torch.randn(1 << 20)  # one gradient of four pieces: both threads
+    stats._kernel_module.square_sums_many([(big.data_ptr(), 0, big.numel())], out.data_ptr(), 2)
     assert stats._kernel_module.team() == (runtime, 2)
 
 

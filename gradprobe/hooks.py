@@ -366,7 +366,7 @@ class GradientSums:
 
     A tensor hook on each parameter (a leaf: ``torch.autograd.grad`` runs it on the gradient before
     it captures it) queues the gradient and returns a zero-strided stand-in of the same shape (one
-    scalar, expanded), so the probe does not hold every gradient of the model at once, as a bare
+    zero, expanded; one per shape, shared), so the probe does not hold every gradient of the model at once, as a bare
     ``autograd.grad`` over all parameters does: a (20 × 1024)-wide MLP holds 80 MiB of gradients at
     its peak. The queue is summed (:func:`gradprobe.stats.sums_of`, one kernel call) whenever it holds
     :data:`GRADIENT_QUEUE_BYTES`, and at the end of each backward pass (:meth:`flush`). No host sync.
@@ -389,7 +389,7 @@ class GradientSums:
         self._bytes = 0
         self._handles: list[Any] = []
         self._had_none: list[torch.Tensor] = []
-        self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._stand_ins: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
     def __enter__(self) -> GradientSums:
         try:
@@ -427,10 +427,12 @@ class GradientSums:
                 self._sum_queue()
             if id(self.params[i]) in self.keep:
                 return None
-            zero = self._zeros.get((g.dtype, g.device))
-            if zero is None:
-                zero = self._zeros[(g.dtype, g.device)] = torch.zeros((), dtype=g.dtype, device=g.device)
-            return zero.expand(g.shape)
+            key = (g.shape, g.dtype, g.device)
+            stand_in = self._stand_ins.get(key)  # one per shape (a call in a hook is ~50 µs, caches cold)
+            if stand_in is None:
+                zero = torch.zeros((), dtype=g.dtype, device=g.device)
+                stand_in = self._stand_ins[key] = zero.expand(g.shape)
+            return stand_in
 
         return hook
 

@@ -215,13 +215,17 @@ def _method_time(method: str, call: Callable[[], object]) -> float:
 def breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Seconds (median over ``repeats`` probes) spent in each part of ``probe(gate_check=False)``."""
     import gradprobe.diagnose as diagnosis
+    import gradprobe.hooks as hooks
     import gradprobe.probing as probing
     import gradprobe.stats as stats
 
+    # a label may take several parts (they add up)
     parts: list[tuple[Any, str, str]] = [
         (stats.DeviceMoments, "add", "activation and gradient statistics (hooks)"),
         (probing, "sums_of", "parameter and parameter-gradient sums"),  # as probing imported it
+        (hooks, "sums_of", "parameter and parameter-gradient sums"),  # GradientSums, in the backward pass
         (_Session, "_layers", "one transfer + building the report"),
+        (_Session, "_keep_gradients", "symmetry analysis (gradprobe.diagnose.units)"),  # grouping, before the passes
         (_Session, "_attach_unit_analysis", "symmetry analysis (gradprobe.diagnose.units)"),
         (_Session, "_attach_predictions", "mean-field predictions (gradprobe.predict)"),
         (diagnosis, "diagnose", "diagnosis rules"),

@@ -25,7 +25,7 @@ import fnmatch
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -236,7 +236,40 @@ class ModuleState:
     inputs_finite: bool | None = None
 
 
-class Recorder:
+_H = TypeVar("_H", bound="_Hooks")
+
+
+class _Hooks:
+    """Hooks attached on entering (``_attach``) and every one removed on exit, also when attaching
+    or the pass raises; ``_detach`` then drops whatever else the hooks kept."""
+
+    _handles: list[Any]
+
+    def _attach(self) -> None:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        pass
+
+    def __enter__(self: _H) -> _H:
+        try:
+            self._attach()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._detach()
+
+
+class Recorder(_Hooks):
     """Forward hooks on the chosen modules and gradient hooks on their outputs.
 
     Use as a context manager: every hook is removed on exit, also when the forward pass raises.
@@ -263,22 +296,11 @@ class Recorder:
         self._axes = _TensorTags()
 
     # -- attach / detach -------------------------------------------------------------------
-    def __enter__(self) -> Recorder:
-        try:
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+    def _attach(self) -> None:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
 
-    def __exit__(self, *exc: Any) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _detach(self) -> None:
         self._axes.clear()
 
     @property
@@ -361,7 +383,7 @@ class Recorder:
 GRADIENT_QUEUE_BYTES = 8 << 20
 
 
-class GradientSums:
+class GradientSums(_Hooks):
     """Σg² of every parameter's gradient, taken as autograd produces it, and the gradient let go.
 
     A tensor hook on each parameter (a leaf: ``torch.autograd.grad`` runs it on the gradient before
@@ -391,26 +413,15 @@ class GradientSums:
         self._had_none: list[torch.Tensor] = []
         self._stand_ins: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
-    def __enter__(self) -> GradientSums:
-        try:
-            for i, q in enumerate(self.params):
-                if type(q) is not nn.Parameter and type(q) is not torch.Tensor:
-                    continue
-                if q._backward_hooks is None:
-                    self._had_none.append(q)
-                self._handles.append(q.register_hook(self._make_hook(i)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+    def _attach(self) -> None:
+        for i, q in enumerate(self.params):
+            if type(q) is not nn.Parameter and type(q) is not torch.Tensor:
+                continue
+            if q._backward_hooks is None:
+                self._had_none.append(q)
+            self._handles.append(q.register_hook(self._make_hook(i)))
 
-    def __exit__(self, *exc: Any) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _detach(self) -> None:
         for q in self._had_none:
             if not q._backward_hooks:
                 q._backward_hooks = None

@@ -473,7 +473,7 @@ class _Session:
         self.activations: dict[str, tuple[str, float | None]] = {}
         self.gains: dict[str, float] = {}
         self.init_desc: dict[str, str] = {}
-        self._unit_groups: Any = None  # gradprobe.diagnose.units.UnitGroups of the last passes
+        self._unit_groups: Any = None  # gradprobe.diagnose.units.UnitGroups, from the weights before the passes
 
     # -- parameters and buffers ---------------------------------------------------------------
     def _new_tensors(self) -> tuple[dict[int, nn.Parameter] | None, dict[int, torch.Tensor]]:
@@ -798,9 +798,9 @@ class _Session:
                     grads = torch.autograd.grad(value, targets, allow_unused=True)
                 except RuntimeError as e:
                     raise ProbeError(f"backward failed: {e}") from e
-                summed = gradient_sums.flush()
+                taken = gradient_sums.flush()  # positions whose gradient a hook summed
                 present = [i for i, g in enumerate(grads[: len(trainable)]) if g is not None]
-                rest = [i for i in present if i not in summed]  # gradients no hook took
+                rest = [i for i in present if i not in taken]  # gradients no hook took
                 if rest:
                     # [perf] their Σg² in one kernel call (gradprobe.stats.sums_of); no host sync
                     sq = sums_of([grads[i] for i in rest], recorder.scratch)[:, 1]
@@ -810,7 +810,7 @@ class _Session:
                 for i in present:
                     q = trainable[i]
                     with_gradient.add(id(q))
-                    if i not in summed or id(q) in gradient_sums.keep:
+                    if i not in taken or id(q) in gradient_sums.keep:
                         last_grads[id(q)] = grads[i]  # (the others are zero-strided stand-ins)
             if tracer is not None:
                 self.activations = dict(tracer.found)

@@ -381,6 +381,9 @@ class Recorder(_Hooks):
 
 # Gradients queued before one summing call: a few of them, still in the last-level cache.
 GRADIENT_QUEUE_BYTES = 8 << 20
+# Parameters smaller than this get no hook (a bias, a norm's scale): a hook call costs ~50 µs inside
+# the backward pass, more than holding their gradients until one summing call after it.
+GRADIENT_HOOK_MIN_BYTES = 64 << 10
 
 
 class GradientSums(_Hooks):
@@ -395,7 +398,8 @@ class GradientSums(_Hooks):
 
     Gradients of the parameters in :attr:`keep` (ids: those the symmetry analysis reads, found from
     the weights before the passes) are summed too and returned unchanged. A parameter that is not a plain
-    tensor (a DTensor shard) gets no hook: the caller sums its gradient after the pass, as before.
+    tensor (a DTensor shard), or smaller than :data:`GRADIENT_HOOK_MIN_BYTES`, gets no hook: the
+    caller sums its gradient after the pass, with the others that no hook took, in one call.
 
     Use as a context manager. On exit every hook is removed and a parameter that had no tensor hooks
     before (``_backward_hooks`` None) gets None back, so it is left exactly as it was.
@@ -416,6 +420,8 @@ class GradientSums(_Hooks):
     def _attach(self) -> None:
         for i, q in enumerate(self.params):
             if type(q) is not nn.Parameter and type(q) is not torch.Tensor:
+                continue
+            if q.numel() * q.element_size() < GRADIENT_HOOK_MIN_BYTES:
                 continue
             if q._backward_hooks is None:
                 self._had_none.append(q)

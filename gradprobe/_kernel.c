@@ -1067,6 +1067,9 @@ static void item_work(void *ctx, idx i) {
  * added in order. The pieces depend on the sizes alone: the same bits on any number of threads. */
 #define GP_SUM_PIECE (1 << 18)
 
+/* the pieces of a tensor of n values (one, also when empty) */
+static idx pieces_of(idx n) { return n > GP_SUM_PIECE ? (n + GP_SUM_PIECE - 1) / GP_SUM_PIECE : 1; }
+
 /* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
  * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
  * A tensor of at most GP_SUM_PIECE values is summed as square_sums sums it; a larger one piece by piece.
@@ -1096,7 +1099,7 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
             return NULL;
         }
         total += (double)list[i].n;
-        pieces += list[i].n > GP_SUM_PIECE ? (list[i].n + GP_SUM_PIECE - 1) / GP_SUM_PIECE : 1;
+        pieces += pieces_of(list[i].n);
     }
     Py_DECREF(seq);
     double *res = (double *)(uintptr_t)out;
@@ -1112,13 +1115,11 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
         idx c = 0;
         for (idx i = 0; i < k; i++) {
             const size_t size = list[i].dtype == 0 ? sizeof(float) : sizeof(double);
-            idx start = 0;
-            do {
-                const idx n = list[i].n - start < GP_SUM_PIECE ? list[i].n - start : GP_SUM_PIECE;
+            for (idx p = 0; p < pieces_of(list[i].n); p++, c++) {
+                const idx start = p * GP_SUM_PIECE, rest = list[i].n - start;
                 work[c].data = list[i].data + (unsigned long long)((size_t)start * size);
-                work[c].dtype = list[i].dtype, work[c].n = n;
-                c++, start += n;
-            } while (start < list[i].n);
+                work[c].dtype = list[i].dtype, work[c].n = rest < GP_SUM_PIECE ? rest : GP_SUM_PIECE;
+            }
         }
     }
     Items m = {work, partial};
@@ -1131,11 +1132,8 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
         idx c = 0;
         for (idx i = 0; i < k; i++) {
             double s = partial[2 * c], q = partial[2 * c + 1]; /* one piece: its own bits */
-            idx start = list[i].n < GP_SUM_PIECE ? list[i].n : GP_SUM_PIECE;
-            for (c++; start < list[i].n; c++) {
-                s += partial[2 * c], q += partial[2 * c + 1];
-                start += list[i].n - start < GP_SUM_PIECE ? list[i].n - start : GP_SUM_PIECE;
-            }
+            const idx end = c + pieces_of(list[i].n);
+            for (c++; c < end; c++) s += partial[2 * c], q += partial[2 * c + 1];
             res[2 * i] = s, res[2 * i + 1] = q;
         }
         free(work);

@@ -391,26 +391,28 @@ class GradientSums(_Hooks):
 
     A tensor hook on each parameter (a leaf: ``torch.autograd.grad`` runs it on the gradient before
     it captures it) queues the gradient and returns a zero-strided stand-in of the same shape (one
-    zero, expanded; one per shape, shared), so the probe does not hold every gradient of the model at once, as a bare
-    ``autograd.grad`` over all parameters does: a (20 × 1024)-wide MLP holds 80 MiB of gradients at
-    its peak. The queue is summed (:func:`gradprobe.stats.sums_of`, one kernel call) whenever it holds
-    :data:`GRADIENT_QUEUE_BYTES`, and at the end of each backward pass (:meth:`flush`). No host sync.
+    zero, expanded; one per shape, shared), so the probe does not hold every gradient of the model
+    at once, as a bare ``autograd.grad`` over all parameters does: a (20 × 1024)-wide MLP holds
+    80 MiB of gradients at its peak. The queue is summed (:func:`gradprobe.stats.sums_of`, one kernel call) whenever it holds
+    :data:`GRADIENT_QUEUE_BYTES`, and at the end of each backward pass (:meth:`flush`), with the
+    gradients no hook took (:meth:`add`), into one float64 :attr:`sums`. No host sync.
 
     Gradients of the parameters in :attr:`keep` (ids: those the symmetry analysis reads, found from
-    the weights before the passes) are summed too and returned unchanged. A parameter that is not a plain
-    tensor (a DTensor shard), or smaller than :data:`GRADIENT_HOOK_MIN_BYTES`, gets no hook: the
-    caller sums its gradient after the pass, with the others that no hook took, in one call.
+    the weights before the passes) are summed too and returned unchanged. A parameter that is not a
+    plain tensor (a DTensor shard), or smaller than :data:`GRADIENT_HOOK_MIN_BYTES`, gets no hook:
+    the caller hands its gradient to :meth:`add` after the pass.
 
     Use as a context manager. On exit every hook is removed and a parameter that had no tensor hooks
     before (``_backward_hooks`` None) gets None back, so it is left exactly as it was.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], scratch: Scratch) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], scratch: Scratch, *, hooks: bool = True) -> None:
         self.params = list(params)
         self.scratch = scratch
+        self.hooks = hooks  # False: no hook at all; every gradient is summed through add()
         self.keep: set[int] = set()
         self.sums: torch.Tensor | None = None  # Σ over the passes of ‖∇‖², float64, one per parameter
-        self.summed: set[int] = set()  # positions in `params` whose gradient a hook took this pass
+        self.taken: set[int] = set()  # positions in `params` whose gradient a hook took this pass
         self._queue: list[tuple[int, torch.Tensor]] = []
         self._bytes = 0
         self._handles: list[Any] = []
@@ -418,7 +420,7 @@ class GradientSums(_Hooks):
         self._stand_ins: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
     def _attach(self) -> None:
-        for i, q in enumerate(self.params):
+        for i, q in enumerate(self.params if self.hooks else ()):
             if type(q) is not nn.Parameter and type(q) is not torch.Tensor:
                 continue
             if q.numel() * q.element_size() < GRADIENT_HOOK_MIN_BYTES:
@@ -437,9 +439,8 @@ class GradientSums(_Hooks):
 
     def _make_hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
         def hook(g: torch.Tensor) -> torch.Tensor | None:
-            self._queue.append((i, g))
-            self.summed.add(i)
-            self._bytes += g.numel() * g.element_size()
+            self.add(i, g)
+            self.taken.add(i)
             if self._bytes >= GRADIENT_QUEUE_BYTES:
                 self._sum_queue()
             if id(self.params[i]) in self.keep:
@@ -466,11 +467,15 @@ class GradientSums(_Hooks):
         self._queue.clear()
         self._bytes = 0
 
-    def flush(self) -> set[int]:
-        """Sum what is queued; return the positions summed in this pass (and start the next)."""
+    def add(self, i: int, g: torch.Tensor) -> None:
+        """Queue the gradient of ``params[i]`` (a hook's, or one no hook took) for the next sum."""
+        self._queue.append((i, g))
+        self._bytes += g.numel() * g.element_size()
+
+    def flush(self) -> None:
+        """Sum what is queued, at the end of a backward pass; the next pass starts with no gradient taken."""
         self._sum_queue()
-        summed, self.summed = self.summed, set()
-        return summed
+        self.taken.clear()
 
 
 def describe_inputs(args: Any, kwargs: Any = None) -> str:

@@ -760,8 +760,6 @@ class _Session:
             if q.requires_grad and id(q) not in seen:
                 seen.add(id(q))
                 trainable.append(q)
-        # Σ‖∇‖² per trainable parameter over the batches (a float64 tensor, made at the first gradient)
-        grad_sq: torch.Tensor | None = None
         last_grads: dict[int, torch.Tensor] = {}
         with_gradient: set[int] = set()  # ids of the parameters that got a gradient
         recorder = Recorder(
@@ -774,7 +772,7 @@ class _Session:
         tracer = ActivationTracer(self.model) if self.keep and not exact_nonfinite else None
         # [perf] every gradient summed as it is made and let go, as a bare pass cannot: it returns them
         # all (no hooks on DTensor shards: those are summed below, across their mesh)
-        gradient_sums = GradientSums([] if self.sharded else trainable, recorder.scratch)
+        gradient_sums = GradientSums(trainable, recorder.scratch, hooks=not self.sharded)
         gradient_sums.keep = set(keep)
         with swapped(self.model, params, run_buffers), recorder, gradient_sums:
             for batch in prepared:
@@ -798,25 +796,21 @@ class _Session:
                     grads = torch.autograd.grad(value, targets, allow_unused=True)
                 except RuntimeError as e:
                     raise ProbeError(f"backward failed: {e}") from e
-                taken = gradient_sums.flush()  # positions whose gradient a hook summed
-                present = [i for i, g in enumerate(grads[: len(trainable)]) if g is not None]
-                rest = [i for i in present if i not in taken]  # gradients no hook took
-                if rest:
-                    # [perf] their Σg² in one kernel call (gradprobe.stats.sums_of); no host sync
-                    sq = sums_of([grads[i] for i in rest], recorder.scratch)[:, 1]
-                    if grad_sq is None:
-                        grad_sq = torch.zeros(len(trainable), dtype=torch.float64, device=sq.device)
-                    grad_sq.index_add_(0, torch.tensor(rest, device=sq.device), sq.to(grad_sq.device))
-                for i in present:
+                for i, g in enumerate(grads[: len(trainable)]):
+                    if g is None:
+                        continue
                     q = trainable[i]
                     with_gradient.add(id(q))
-                    if i not in taken or id(q) in gradient_sums.keep:
-                        last_grads[id(q)] = grads[i]  # (the others are zero-strided stand-ins)
+                    if i not in gradient_sums.taken:  # no hook took it: summed with what is queued
+                        gradient_sums.add(i, g)
+                        last_grads[id(q)] = g
+                    elif id(q) in gradient_sums.keep:
+                        last_grads[id(q)] = g  # (the others are zero-strided stand-ins)
+                # [perf] Σg² of what is left in one kernel call (gradprobe.stats.sums_of); no host sync
+                gradient_sums.flush()
             if tracer is not None:
                 self.activations = dict(tracer.found)
-        if gradient_sums.sums is not None:
-            hooked = gradient_sums.sums
-            grad_sq = hooked if grad_sq is None else grad_sq + hooked.to(grad_sq.device)
+        grad_sq = gradient_sums.sums  # Σ over the batches of ‖∇‖² per trainable parameter (None: no gradient)
         # Parameter statistics: one (rows, 3) float64 table [Σw, Σw², ‖∇‖² or −1], a row per parameter of
         # each recorded module, transferred with everything else (divided by the size on the host).
         index = {id(q): i for i, q in enumerate(trainable)}

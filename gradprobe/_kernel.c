@@ -1045,11 +1045,14 @@ static PyObject *square_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* one piece of a tensor of square_sums_many: its values, and where its partial sums go */
+/* one piece of a tensor of square_sums_many: its values (with `row` > 0: n / row rows of `row` values,
+ * each row's Σx written to `rows`) */
 typedef struct {
     unsigned long long data;
     int dtype;
     idx n;
+    idx row;
+    double *rows;
 } Item;
 
 typedef struct {
@@ -1057,9 +1060,26 @@ typedef struct {
     double *res;
 } Items;
 
+/* A piece of rows: each row summed on its own from its first value (a row's sums depend on its values
+ * alone, not on where it lies: identical rows get identical bits), the rows' sums added in order. */
+static void rows_one(const Item *it, double *out) {
+    const size_t size = it->dtype == 0 ? sizeof(float) : sizeof(double);
+    const idx rows = it->row > 0 ? it->n / it->row : 0;
+    double s = 0.0, q = 0.0, r[2];
+    for (idx k = 0; k < rows; k++) {
+        sums_one(it->data + (unsigned long long)((size_t)(k * it->row) * size), it->dtype, it->row, r);
+        it->rows[k] = r[0];
+        s += r[0], q += r[1];
+    }
+    out[0] = s, out[1] = q;
+}
+
 static void item_work(void *ctx, idx i) {
     const Items *m = (const Items *)ctx;
-    sums_one(m->list[i].data, m->list[i].dtype, m->list[i].n, m->res + 2 * i);
+    if (m->list[i].row > 0)
+        rows_one(&m->list[i], m->res + 2 * i);
+    else
+        sums_one(m->list[i].data, m->list[i].dtype, m->list[i].n, m->res + 2 * i);
 }
 
 /* values per piece: a tensor is summed in pieces of this many values (the threads share out pieces, so
@@ -1067,12 +1087,25 @@ static void item_work(void *ctx, idx i) {
  * added in order. The pieces depend on the sizes alone: the same bits on any number of threads. */
 #define GP_SUM_PIECE (1 << 18)
 
-/* the pieces of a tensor of n values (one, also when empty) */
-static idx pieces_of(idx n) { return n > GP_SUM_PIECE ? (n + GP_SUM_PIECE - 1) / GP_SUM_PIECE : 1; }
+/* values per piece of a tensor read by rows: whole rows, at least one */
+static idx piece_values(const Item *it) {
+    if (it->row <= 0) return GP_SUM_PIECE;
+    const idx rows = GP_SUM_PIECE / it->row;
+    return (rows > 1 ? rows : 1) * it->row;
+}
+
+/* the pieces of a tensor (one, also when empty) */
+static idx pieces_of(const Item *it) {
+    const idx step = piece_values(it);
+    return it->n > step ? (it->n + step - 1) / step : 1;
+}
 
 /* square_sums_many(items, out[, threads]): square_sums over many tensors in one call (a model's parameters,
  * their gradients): items is a sequence of (data, dtype, n); out[2k] = Σx, out[2k + 1] = Σx² of item k.
  * A tensor of at most GP_SUM_PIECE values is summed as square_sums sums it; a larger one piece by piece.
+ * An item (data, dtype, n, row, rows_out) with row > 0 is read as n / row rows of `row` values: each row's
+ * Σx goes to the float64 array at address rows_out (the weights' rows: gradprobe.diagnose.grouping's
+ * fingerprints of units) and Σx, Σx² are the rows' sums added in order, in pieces of whole rows.
  * With threads > 1 the pieces are shared out among torch's OpenMP threads (the same bits). */
 static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     PyObject *items;
@@ -1091,15 +1124,20 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
     idx pieces = 0;
     for (idx i = 0; i < k; i++) {
         PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyArg_ParseTuple(it, "Kin", &list[i].data, &list[i].dtype, &list[i].n) || list[i].n < 0 ||
-            (list[i].dtype != 0 && list[i].dtype != 1)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "square_sums_many: bad length or dtype");
+        unsigned long long rows_out = 0;
+        list[i].row = 0;
+        if (!PyArg_ParseTuple(it, "Kin|nK", &list[i].data, &list[i].dtype, &list[i].n, &list[i].row, &rows_out) ||
+            list[i].n < 0 || (list[i].dtype != 0 && list[i].dtype != 1) || list[i].row < 0 ||
+            (list[i].row > 0 && (list[i].n % list[i].row != 0 || rows_out == 0))) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "square_sums_many: bad length, dtype or row length");
             free(list);
             Py_DECREF(seq);
             return NULL;
         }
+        list[i].rows = (double *)(uintptr_t)rows_out;
         total += (double)list[i].n;
-        pieces += pieces_of(list[i].n);
+        pieces += pieces_of(&list[i]);
     }
     Py_DECREF(seq);
     double *res = (double *)(uintptr_t)out;
@@ -1115,10 +1153,13 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
         idx c = 0;
         for (idx i = 0; i < k; i++) {
             const size_t size = list[i].dtype == 0 ? sizeof(float) : sizeof(double);
-            for (idx p = 0; p < pieces_of(list[i].n); p++, c++) {
-                const idx start = p * GP_SUM_PIECE, rest = list[i].n - start;
+            const idx step = piece_values(&list[i]);
+            for (idx p = 0; p < pieces_of(&list[i]); p++, c++) {
+                const idx start = p * step, rest = list[i].n - start;
+                work[c] = list[i];
                 work[c].data = list[i].data + (unsigned long long)((size_t)start * size);
-                work[c].dtype = list[i].dtype, work[c].n = rest < GP_SUM_PIECE ? rest : GP_SUM_PIECE;
+                work[c].n = rest < step ? rest : step;
+                if (list[i].row > 0) work[c].rows = list[i].rows + start / list[i].row;
             }
         }
     }
@@ -1132,7 +1173,7 @@ static PyObject *square_sums_many(PyObject *self, PyObject *args) {
         idx c = 0;
         for (idx i = 0; i < k; i++) {
             double s = partial[2 * c], q = partial[2 * c + 1]; /* one piece: its own bits */
-            const idx end = c + pieces_of(list[i].n);
+            const idx end = c + pieces_of(&list[i]);
             for (c++; c < end; c++) s += partial[2 * c], q += partial[2 * c + 1];
             res[2 * i] = s, res[2 * i + 1] = q;
         }

@@ -44,7 +44,7 @@ from gradprobe.hooks import (
 )
 from gradprobe.report import LayerRecord, ParamRecord, Report, TensorStats
 from gradprobe.rng import stream_seed
-from gradprobe.stats import DeviceMoments, sums_of
+from gradprobe.stats import DeviceMoments, Scratch, sums_and_row_sums, sums_of
 
 __all__ = ["probe", "ProbeConfig", "LOSSES", "Batch", "Inputs"]
 
@@ -458,6 +458,16 @@ def _merge_across_ranks(report: Report) -> Report:
     return merge_across_ranks(report)
 
 
+@dataclass
+class _WeightSums:
+    """Σw and Σw² of the recorded modules' parameters, and every weight matrix's row sums (the
+    symmetry analysis's unit fingerprints), taken in one read of the weights before the passes."""
+
+    position: dict[int, int]  # id(parameter used) → its row in `sums`
+    sums: torch.Tensor  # (k, 2) float64: Σw, Σw²
+    rows: dict[int, torch.Tensor]  # id(parameter used) → float64 Σ of each of its rows (dim 0)
+
+
 class _Session:
     """One probe run: parameters, buffers, hooks and the passes over the batches."""
 
@@ -626,16 +636,22 @@ class _Session:
             self._trace_activations(prepared[0], fresh_buffers, params)
             fresh_buffers = {k: v.clone() for k, v in buffers.items()}
         kept = self._initialise(params, fresh_buffers, prepared[0])
+        # [perf] one read of the weights for their sums and the unit fingerprints (no host sync)
+        weights = None if self.sharded else self._weight_sums(params)
         # the symmetry analysis reads a few gradients: find which, from the weights, before the passes
-        needed = set() if self.sharded else self._keep_gradients(params)
-        states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=False, keep=needed)
+        needed = set() if self.sharded else self._keep_gradients(params, weights)
+        states, param_stats, grads = self._passes(
+            prepared, params, buffers, exact_nonfinite=False, keep=needed, weights=weights
+        )
         layers = self._layers(states, param_stats)
         if any_rank(  # [distributed] every rank or none re-runs: under FSDP2 a forward is a collective
             any(x.act is not None and x.act.moments.nonfinite_units for x in layers)
             or any(x.grad is not None and x.grad.moments.nonfinite_units for x in layers)
         ):
             # Rare: count non-finite values exactly and check module inputs, in a second identical pass.
-            states, param_stats, grads = self._passes(prepared, params, buffers, exact_nonfinite=True, keep=needed)
+            states, param_stats, grads = self._passes(
+                prepared, params, buffers, exact_nonfinite=True, keep=needed, weights=weights
+            )
             layers = self._layers(states, param_stats)
             for layer in layers:
                 layer.extra["inputs_finite"] = states[layer.name].inputs_finite
@@ -742,13 +758,15 @@ class _Session:
         *,
         exact_nonfinite: bool,
         keep: Iterable[int] = (),
+        weights: _WeightSums | None = None,
     ) -> tuple[dict[str, ModuleState], ParamTable, dict[int, torch.Tensor]]:
         """Forward and backward over the batches with the recorder attached.
 
         Returns the recorder's states, the parameter table and the last batch's gradients of the
         parameters in ``keep`` (ids; those the symmetry analysis reads: :meth:`_keep_gradients`) and
         of any parameter without a hook; every other gradient is summed as autograd produces it and
-        let go (:class:`~gradprobe.hooks.GradientSums`).
+        let go (:class:`~gradprobe.hooks.GradientSums`). ``weights``: the parameters' sums taken
+        before the passes (:meth:`_weight_sums`, of these ``params``); the ones it lacks are read here.
         """
         seed_global_rng(stream_seed(self.cfg.seed, "dropout"), self.device)  # dropout: the same masks every time
         loss_gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "loss"))
@@ -836,14 +854,16 @@ class _Session:
                 grad_rows.append(position if position is not None and id(q) in with_gradient else len(trainable))
         table = None
         if tensors:
-            # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
-            weights = sums_of(tensors, recorder.scratch)
-            device = weights.device
+            if weights is not None and all(id(q) in weights.position for q in tensors):
+                sums, weight_rows = weights.sums, [weights.position[id(tensors[i])] for i in weight_rows]
+            else:  # [perf] exact float64 [Σw, Σw²] of every parameter in one kernel call; no host sync
+                sums = sums_of(tensors, recorder.scratch)
+            device = sums.device
             summed = torch.zeros(len(trainable), dtype=torch.float64, device=device) if grad_sq is None else grad_sq
             column = torch.cat([summed.to(device), torch.full((1,), -1.0, dtype=torch.float64, device=device)])
             table = torch.cat(
                 [
-                    weights.index_select(0, torch.tensor(weight_rows, device=device)),
+                    sums.index_select(0, torch.tensor(weight_rows, device=device)),
                     column.index_select(0, torch.tensor(grad_rows, device=device)).unsqueeze(1),
                 ],
                 dim=1,
@@ -852,16 +872,43 @@ class _Session:
         self._batches = len(prepared)
         return recorder.states, param_stats, last_grads
 
-    def _keep_gradients(self, params: dict[int, nn.Parameter] | None) -> set[int]:
+    def _weight_sums(self, params: dict[int, nn.Parameter] | None) -> _WeightSums | None:
+        """Σw and Σw² of every parameter of the recorded modules and the row sums of every weight
+        matrix (not an embedding's: its rows are not units), in one kernel call; no host sync.
+        Before the passes, so that the symmetry grouping reads no weight again (the sums are the
+        parameters' values as initialised: the passes do not change them)."""
+        tensors: list[torch.Tensor] = []
+        lengths: list[int] = []
+        position: dict[int, int] = {}
+        for module in self.modules.values():
+            by_rows = not isinstance(module, nn.Embedding | nn.EmbeddingBag)
+            for p in module._parameters.values():
+                if p is None:
+                    continue
+                q = p if params is None else params[id(p)]
+                if id(q) in position:
+                    continue
+                position[id(q)] = len(tensors)
+                tensors.append(q)
+                lengths.append(q.numel() // q.shape[0] if by_rows and q.dim() >= 2 and q.shape[0] else 0)
+        if not tensors:
+            return None
+        sums, rows = sums_and_row_sums(tensors, lengths, Scratch())
+        return _WeightSums(position, sums, {id(q): r for q, r in zip(tensors, rows) if r is not None})
+
+    def _keep_gradients(self, params: dict[int, nn.Parameter] | None, weights: _WeightSums | None = None) -> set[int]:
         """Ids of the parameters whose gradients the symmetry analysis may read (those of layers with
         identical units and of the layers that can follow them: :func:`gradprobe.diagnose.units.group_units`,
-        from the weights alone). Grouped once, before the passes: inside them nothing reads a value."""
+        from the weights alone, and their row sums in ``weights``). Grouped once, before the passes:
+        inside them nothing reads a value."""
         if self._unit_groups is None:
             try:
                 from gradprobe.diagnose.units import group_units
             except ImportError:  # the analysis is optional: nothing reads the gradients
                 return set()
-            self._unit_groups = group_units(self.model, self.modules, params)
+            self._unit_groups = group_units(
+                self.model, self.modules, params, row_sums=None if weights is None else weights.rows
+            )
         keep: set[int] = set()
         modules = self.modules
         for name in self._unit_groups.gradients_needed:

@@ -78,6 +78,7 @@ __all__ = [
     "square_sum",
     "sum_and_square_sum",
     "sums_of",
+    "sums_and_row_sums",
 ]
 
 # Bounded histograms: fixed signed log-magnitude bins, so that no per-layer range has to be known (a
@@ -961,6 +962,41 @@ def sums_of(tensors: Sequence[torch.Tensor], scratch: Scratch) -> torch.Tensor:
     rows = [_sums(t, scratch, with_sum=True) for t in tensors]
     device = rows[0].device
     return torch.stack([r if r.device == device else r.to(device) for r in rows])
+
+
+@torch.no_grad()
+def sums_and_row_sums(
+    tensors: Sequence[torch.Tensor], rows: Sequence[int], scratch: Scratch
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """:func:`sums_of`, and the float64 Σx of every row of the tensors with ``rows[k] > 0`` values per
+    row, in the same one read (one kernel call for all of them).
+
+    The row sums are the weights' unit fingerprints for :mod:`gradprobe.diagnose.grouping`: each row
+    is summed on its own from its first value, so identical rows get equal sums wherever they lie
+    (−0.0 and +0.0 may give sums of either sign of zero, equal under ``==``). The row sums are all
+    None when the kernel cannot read every tensor (then this is :func:`sums_of`); the totals of a
+    tensor read by rows are its rows' sums added in order (other bits than :func:`sums_of`'s)."""
+    if len(rows) != len(tensors):
+        raise ValueError(f"rows: one row length per tensor, got {len(rows)} for {len(tensors)} tensors")
+    if KERNEL is None or not all(_kernel_can_read(t) and t.is_contiguous() for t in tensors):
+        return sums_of(tensors, scratch), [None] * len(tensors)
+    lengths = [r if r > 0 and t.numel() % r == 0 else 0 for t, r in zip(tensors, rows)]
+    counts = [t.numel() // r if r else 0 for t, r in zip(tensors, lengths)]
+    row_sums = torch.empty(sum(counts), dtype=torch.float64)
+    out = torch.empty(len(tensors), 2, dtype=torch.float64)
+    items: list[tuple[int, ...]] = []
+    views: list[torch.Tensor | None] = []
+    start = 0
+    for t, r, n in zip(tensors, lengths, counts):
+        if r and n:
+            items.append((t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel(), r, row_sums.data_ptr() + 8 * start))
+            views.append(row_sums[start : start + n])
+            start += n
+        else:
+            items.append((t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel()))
+            views.append(row_sums[:0] if r else None)
+    KERNEL.square_sums_many(items, out.data_ptr(), torch.get_num_threads())
+    return out, views
 
 
 @torch.no_grad()

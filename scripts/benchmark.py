@@ -224,6 +224,7 @@ def breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, floa
         (stats.DeviceMoments, "add", "activation and gradient statistics (hooks)"),
         (probing, "sums_of", "parameter and parameter-gradient sums"),  # as probing imported it
         (hooks, "sums_of", "parameter and parameter-gradient sums"),  # GradientSums, in the backward pass
+        (_Session, "_weight_sums", "parameter and parameter-gradient sums"),  # weights and row sums, before
         (_Session, "_layers", "one transfer + building the report"),
         (_Session, "_keep_gradients", "symmetry analysis (gradprobe.diagnose.units)"),  # grouping, before the passes
         (_Session, "_attach_unit_analysis", "symmetry analysis (gradprobe.diagnose.units)"),

@@ -251,6 +251,41 @@ def test_sums_of_many_tensors_in_one_call() -> None:
     assert stats.sums_of([], Scratch()).shape == (0, 2)
 
 
+def test_sums_and_row_sums_in_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats.sums_and_row_sums: sums_of's [Σx, Σx²] per tensor and, for those given a row length, the
+    Σ of every row (views of one float64 buffer; an empty matrix gives none; a row length that does
+    not divide the tensor gives none); without the kernel, or with a tensor it cannot read, the same
+    sums and no row sums (the grouping then reads the rows itself)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [
+        nn.Parameter(torch.randn(64, 33, generator=g)),
+        torch.randn(5, generator=g),
+        torch.randn(6, 2, 3, generator=g, dtype=torch.float64),
+        torch.zeros(0, 4),
+        torch.randn(7, 3, generator=g),
+    ]
+    lengths = [33, 0, 6, 4, 2]  # the last does not divide 21 values
+    want = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors])
+    sums, rows = stats.sums_and_row_sums(tensors, lengths, Scratch())
+    torch.testing.assert_close(sums, want, rtol=1e-13, atol=1e-12)
+    if stats.KERNEL is not None:
+        torch.testing.assert_close(rows[0], tensors[0].detach().double().sum(dim=1), rtol=1e-13, atol=1e-12)
+        torch.testing.assert_close(rows[2], tensors[2].reshape(6, 6).sum(dim=1), rtol=1e-13, atol=1e-12)
+        assert rows[1] is None and rows[4] is None and rows[3] is not None and rows[3].numel() == 0
+    else:
+        assert rows == [None] * 5
+    strided = torch.randn(8, 10, generator=g)[:, ::2]
+    sums2, rows2 = stats.sums_and_row_sums([*tensors, strided], [*lengths, 5], Scratch())
+    assert rows2 == [None] * 6
+    torch.testing.assert_close(sums2[:-1], want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(stats, "KERNEL", None)
+    sums3, rows3 = stats.sums_and_row_sums(tensors, lengths, Scratch())
+    assert rows3 == [None] * 5
+    torch.testing.assert_close(sums3, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one row length per tensor"):
+        stats.sums_and_row_sums(tensors, lengths[:2], Scratch())
+
+
 @needs_kernel
 def test_contiguous_fast_path_equals_the_view_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """DeviceMoments.add reads a contiguous tensor straight from its shape (no view, no detach): the
@@ -362,6 +397,67 @@ def test_parameter_sums_share_out_pieces_between_threads() -> None:
         stats._kernel_module.square_sums(t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel(), whole.data_ptr())
         if t.numel() <= piece:
             assert torch.equal(one[k], whole), k
+
+
+@needs_kernel
+@pytest.mark.parametrize("no_avx2", [False, True])
+def test_parameter_sums_by_rows(no_avx2: bool) -> None:
+    """square_sums_many items (data, dtype, n, row, rows_out): every row's Σx written out, each row
+    summed on its own from its first value, so identical rows get identical bits wherever they lie
+    (rows of 13 values: every alignment); Σx and Σx² of the tensor within float64 rounding of a
+    direct sum; pieces of whole rows (a row length that does not divide 2^18, more than one piece):
+    the same bits on 1, 2 and 3 threads; plain items beside them unchanged; bad row lengths refused.
+    The portable loops (GRADPROBE_KERNEL_NO_AVX2) in a subprocess."""
+    if no_avx2:
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = f"import sys; sys.path.insert(0, {here!r}); import test_kernel; assert test_kernel.stats._kernel_module.info() == 'portable'; test_kernel._check_row_sums(); print('ok')"
+        env = dict(os.environ, GRADPROBE_KERNEL_NO_AVX2="1")
+        env.pop("GRADPROBE_KERNEL", None)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+        return
+    _check_row_sums()
+
+
+def _check_row_sums() -> None:
+    kernel = stats._kernel_module
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 13, generator=g) * 2 + 0.5
+    w[31] = w[2]  # identical rows 116 and 1612 bytes apart
+    w[9, 4] = -0.0
+    w[20] = w[9]
+    w[20, 4] = 0.0  # -0.0 and +0.0: equal under ==, and so are their sums
+    big = torch.randn(30001, 37, generator=g)  # 4 pieces of 7084 rows (2^18 // 37) and a rest
+    d64 = torch.randn(9, 1000, generator=g, dtype=torch.float64) - 3
+    plain = torch.randn(70000, generator=g)
+    tensors = [w, big, plain, d64, torch.zeros(0, 5)]
+    rows = [torch.full((t.shape[0],), 9.0, dtype=torch.float64) for t in tensors]
+    items = [
+        (t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel(), t.shape[1], r.data_ptr()) if t.dim() == 2 and t.numel()
+        else (t.data_ptr(), stats._KERNEL_DTYPES[t.dtype], t.numel())
+        for t, r in zip(tensors, rows)
+    ]
+    one = torch.empty(len(tensors), 2, dtype=torch.float64)
+    kernel.square_sums_many(items, one.data_ptr(), 1)
+    first_rows = [r.clone() for r in rows]
+    for threads in (2, 3):
+        many = torch.empty_like(one)
+        kernel.square_sums_many(items, many.data_ptr(), threads)
+        assert torch.equal(many, one)
+        assert all(torch.equal(a, b) for a, b in zip(rows, first_rows))
+    want = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
+    torch.testing.assert_close(one, want, rtol=1e-13, atol=1e-12)
+    for t, r in zip(tensors, rows):
+        if t.dim() == 2 and t.numel():
+            torch.testing.assert_close(r, t.double().sum(dim=1), rtol=1e-13, atol=1e-12)
+    assert rows[0][31].item() == rows[0][2].item() and rows[0][20].item() == rows[0][9].item()
+    assert len(set(rows[0].tolist())) == 38  # every other row its own sum
+    plain_sums = torch.empty(2, dtype=torch.float64)
+    kernel.square_sums(plain.data_ptr(), 0, plain.numel(), plain_sums.data_ptr())
+    assert torch.equal(one[2], plain_sums)  # an item without rows: as before
+    for bad in ((w.data_ptr(), 0, w.numel(), 12, rows[0].data_ptr()), (w.data_ptr(), 0, w.numel(), 13, 0)):
+        with pytest.raises(ValueError, match="row length"):
+            kernel.square_sums_many([bad], one.data_ptr(), 1)
 
 
 @needs_kernel

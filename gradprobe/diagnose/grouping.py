@@ -34,7 +34,7 @@ import torch
 
 from gradprobe.errors import UsageError
 
-__all__ = ["group_identical_rows", "group_identical_units", "effective_width"]
+__all__ = ["group_identical_rows", "group_identical_units", "effective_width", "sums_all_distinct"]
 
 # Elements hashed per chunk of rows: the float64 copy of a chunk (4 MiB) stays in cache.
 _HASH_CHUNK_ELEMENTS = 1 << 19
@@ -143,6 +143,24 @@ def effective_width(n: int, groups: Sequence[Sequence[int]]) -> float:
     if redundant >= n and n > 0:
         raise UsageError(f"groups hold {redundant + len(groups)} units, more than n = {n}")
     return 1.0 if n == 0 else (n - redundant) / n
+
+
+def sums_all_distinct(row_sums: torch.Tensor) -> bool:
+    """True when no two rows can be identical, read off their sums: identical rows have equal sums
+    (each row summed on its own, in one fixed order: :func:`gradprobe.stats.sums_and_row_sums`), so
+    rows whose sums all differ hold no group. False when two sums are equal or one is NaN (a NaN, or
+    +inf and −inf in one row: that proves nothing); the caller then groups the rows themselves.
+
+    >>> import torch
+    >>> sums_all_distinct(torch.tensor([0.5, -0.0, 2.0], dtype=torch.float64))
+    True
+    >>> sums_all_distinct(torch.tensor([0.0, 1.0, -0.0], dtype=torch.float64))
+    False
+    """
+    if row_sums.shape[0] < 2:
+        return True
+    ordered = np.sort(row_sums.numpy())  # NaN sorts last
+    return not (bool(np.isnan(ordered[-1])) or bool((ordered[1:] == ordered[:-1]).any()))
 
 
 def _check_floating(tensor: torch.Tensor, name: str) -> None:

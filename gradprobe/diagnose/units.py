@@ -24,6 +24,9 @@ accumulate two identical rows in a different order depending on where they fall 
 Everything recorded is a small JSON-able dict in ``layer.extra["symmetry"]``; the severities are
 decided by :func:`gradprobe.diagnose.rules.symmetry_rule`. Cost: one pass over each weight and its
 gradient (:mod:`gradprobe.diagnose.grouping`: exact integer signatures, then an exact check), O(n·d).
+In a probe most layers cost less: the probe sums every weight's rows in its one read of the weights
+(:func:`gradprobe.stats.sums_and_row_sums`), and a layer whose rows all have different sums (any
+random init) has no identical units and is not read again.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradprobe.diagnose.grouping import group_identical_units
+from gradprobe.diagnose.grouping import group_identical_units, sums_all_distinct
 from gradprobe.report import Report
 
 __all__ = [
@@ -221,9 +224,43 @@ def _outgoing(
 Found = list[tuple[UnitSet, list[list[int]]]]
 
 
-def _group_module(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Found:
-    """The unit sets of ``module`` with their groups of identical units (weights alone)."""
-    return [(s, group_rows([t for _, t in s.parts])) for s in unit_features(module, tensors)]
+def _group_module(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], row_sums: Mapping[str, torch.Tensor] | None = None
+) -> Found:
+    """The unit sets of ``module`` with their groups of identical units (weights alone). ``row_sums``:
+    parameter name → the float64 sum of each of its rows (dim 0), when known: a set whose first part's
+    rows all have different sums has no group, and its rows are not read again."""
+    found: Found = []
+    for s in unit_features(module, tensors):
+        sums = _part_row_sums(s, tensors, row_sums) if row_sums else None
+        found.append((s, [] if sums is not None and sums_all_distinct(sums) else group_rows([t for _, t in s.parts])))
+    return found
+
+
+def _part_row_sums(
+    s: UnitSet, tensors: Mapping[str, torch.Tensor], row_sums: Mapping[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The row sums of the units of ``s``'s first part, when that part is a block of whole rows of its
+    parameter (Linear, Conv, an RNN gate's or attention's q/k/v rows), else None."""
+    name, part = s.parts[0]
+    sums, t = row_sums.get(name), tensors.get(name)
+    if sums is None or t is None or t.dim() < 2 or part.dim() != 2 or not t.is_contiguous() or t.shape[0] == 0:
+        return None
+    width = t.numel() // t.shape[0]
+    offset = part.storage_offset() - t.storage_offset()
+    if (
+        width == 0
+        or part.shape[1] != width
+        or (part.shape[0] > 1 and part.stride(0) != width)
+        or (width > 1 and part.stride(1) != 1)
+        or offset % width
+        or sums.shape[0] != t.shape[0]
+    ):
+        return None
+    first = offset // width
+    if first < 0 or first + s.units > sums.shape[0]:
+        return None
+    return sums[first : first + s.units]
 
 
 def _analyse_module(
@@ -334,11 +371,19 @@ class UnitGroups:
 
 @torch.no_grad()
 def group_units(
-    model: nn.Module, names: Iterable[str], params: Mapping[int, nn.Parameter] | None
+    model: nn.Module,
+    names: Iterable[str],
+    params: Mapping[int, nn.Parameter] | None,
+    row_sums: Mapping[int, torch.Tensor] | None = None,
 ) -> UnitGroups:
     """Group the identical units of every weighted layer among ``names`` (module names, ``"model"``
     for the root) from its weights alone; ``params`` as in :func:`analyse_units`. Layers whose
-    weights hold no values (the ``meta`` device) are left out."""
+    weights hold no values (the ``meta`` device) are left out.
+
+    ``row_sums``: ``id(parameter used) → the float64 sum of each of its rows`` (dim 0; the probe takes
+    them in its one read of the weights, :func:`gradprobe.stats.sums_and_row_sums`). A layer whose
+    rows all have different sums has no identical units and is not read again (the common case:
+    any random init); the others are grouped from their rows."""
     modules = {(name or "model"): m for name, m in model.named_modules()}
     weighted = []
     for name in names:
@@ -347,11 +392,17 @@ def group_units(
             continue
         tensors, _ = _named_tensors(module, params, {})
         if any(t.dim() >= 2 for t in tensors.values()) and not any(t.is_meta for t in tensors.values()):
-            weighted.append((name, module, tensors))
-    found = {name: _group_module(module, tensors) for name, module, tensors in weighted}
+            sums: dict[str, torch.Tensor] = {}
+            if row_sums:
+                for pname, p in module._parameters.items():
+                    found_sums = None if p is None else row_sums.get(id(p if params is None else params.get(id(p), p)))
+                    if found_sums is not None:
+                        sums[pname] = found_sums
+            weighted.append((name, module, tensors, sums))
+    found = {name: _group_module(module, tensors, sums) for name, module, tensors, sums in weighted}
     widths = {s.units for sets in found.values() for s, groups in sets if groups}
     needed = {name for name, sets in found.items() if any(groups for _, groups in sets)}
-    for name, module, tensors in weighted:
+    for name, module, tensors, _ in weighted:
         if any(_input_columns(module, tensors, units) is not None for units in widths):
             needed.add(name)
     return UnitGroups(found=found, gradients_needed=needed)

@@ -383,7 +383,9 @@ def _activation_agrees(affine: ChainElement, activation: ChainElement) -> bool:
         return False
     if source is None:  # zero weights: the pre-activation is the bias alone
         source = 0.0
-    predicted = predict_chain([_effective(affine), activation.chain_layer], source, 1.0)[1].act_second_moment
+    # predict_chain's forward pass alone (its check of the input included): the second element's E[y²]
+    source = theory._check_variance(source, "input_second_moment")
+    predicted = theory._chain_forward([_effective(affine), activation.chain_layer], source, 0.0)[0][1][0]
     return _close(predicted, measured, _forward_tolerance(affine, unit_spread=math.sqrt(5.0)))
 
 

@@ -86,6 +86,8 @@ class Activation:
     dphi: ArrayFunction
     param: float | None = None
     breakpoints: tuple[float, ...] = ()
+    # ``phi`` and ``dphi`` in one call where they share work (gelu's erf), with the same values.
+    phi_dphi: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -106,18 +108,38 @@ _GELU_TANH_COEFF = 0.044715
 # numpy has no erf. torch's (a vectorised double-precision erf/erfc, ~1 ulp) is imported on first
 # use, so that importing this module stays numpy-only; math.erf per element through np.frompyfunc
 # cost ~1 µs per node, most of a prediction's time with PyTorch's uniform biases.
+#
+# torch hands erf/erfc of ~1000 elements and more to its intra-op thread pool (measured with torch
+# 2.x: erfc from ≈ 910 elements, erf from ≈ 1450): a wake-up worth more than the work at these sizes,
+# and on a busy machine a wait of a whole scheduler slice (~12 ms per call measured on 2 loaded
+# cores, against ~20 µs on one thread). So longer arrays go through in pieces that torch keeps on
+# the calling thread (on one thread, one call: each piece costs ~3 µs). Each element's value does not
+# depend on the call it is in (SLEEF's vector code for every lane, partial vectors included;
+# tests/test_theory_exact.py checks it), so the pieces give the same bits as one call.
+_TORCH_PIECE = {"erf": 1024, "erfc": 768}
+
+
+def _torch_elementwise(name: str, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    fn = getattr(torch.special, name)
+    values = np.array(x, dtype=np.float64)
+    flat = values.reshape(-1)
+    piece = _TORCH_PIECE[name]
+    if flat.shape[0] <= piece or torch.get_num_threads() == 1:
+        return fn(torch.from_numpy(flat)).numpy().reshape(values.shape)
+    out = np.empty_like(flat)
+    for start in range(0, flat.shape[0], piece):
+        fn(torch.from_numpy(flat[start : start + piece]), out=torch.from_numpy(out[start : start + piece]))
+    return out.reshape(values.shape)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    import torch
-
-    return torch.special.erf(torch.from_numpy(np.array(x, dtype=np.float64))).numpy()
+    return _torch_elementwise("erf", x)
 
 
 def _erfc(x: np.ndarray) -> np.ndarray:
-    import torch
-
-    return torch.special.erfc(torch.from_numpy(np.array(x, dtype=np.float64))).numpy()
+    return _torch_elementwise("erfc", x)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -158,6 +180,12 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def _gelu_derivative(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + _erf(x / _SQRT2)) + x * _INV_SQRT_2PI * np.exp(-0.5 * x * x)
+
+
+def _gelu_both(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_gelu` and :func:`_gelu_derivative` with one erf: the same expressions, the same bits."""
+    erf = _erf(x / _SQRT2)
+    return 0.5 * x * (1.0 + erf), 0.5 * (1.0 + erf) + x * _INV_SQRT_2PI * np.exp(-0.5 * x * x)
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -268,7 +296,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "leaky_relu": _make_leaky_relu(0.01),
     "tanh": Activation("tanh", np.tanh, _tanh_derivative, None, (0.0,)),
     "sigmoid": Activation("sigmoid", _sigmoid, _sigmoid_derivative, None, (0.0,)),
-    "gelu": Activation("gelu", _gelu, _gelu_derivative, None, (0.0,)),
+    "gelu": Activation("gelu", _gelu, _gelu_derivative, None, (0.0,), _gelu_both),
     "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, _gelu_tanh_derivative, None, (0.0,)),
     "silu": Activation("silu", _silu, _silu_derivative, None, (0.0,)),
     "selu": Activation(
@@ -343,20 +371,39 @@ def _composite_rule(
     is resolved with a fixed 16 nodes per panel (hp-refinement).
     """
     inside = [c for c in breakpoints if lo < c < hi]
-    edges = [np.linspace(lo, hi, max(1, math.ceil(hi - lo)) + 1)]
+    edges = np.linspace(lo, hi, max(1, math.ceil(hi - lo)) + 1)
     finest = min(max(finest, 1e-12 * (hi - lo)), 1.0)
     levels = max(0, math.ceil(math.log2(1.0 / finest)))
-    offsets = 2.0 ** -np.arange(levels + 1) if levels else np.zeros(0)
-    for c in inside:
-        edges.append(np.clip(np.concatenate(([c], c - offsets, c + offsets)), lo, hi))
-    edge = np.unique(np.concatenate(edges))
+    if inside:
+        # every breakpoint's refined edges c, c ∓ 2^-k at once (one row per breakpoint)
+        centres = np.array(inside)[:, None]
+        offsets = _refinement_offsets(levels)
+        refined = np.concatenate((centres, centres - offsets, centres + offsets), axis=1)
+        edges = np.concatenate((edges, np.clip(refined.ravel(), lo, hi)))
+    edge = np.unique(edges)
     left, right = edge[:-1], edge[1:]
-    keep = right - left > 0
-    half = 0.5 * (right[keep] - left[keep])
-    mid = 0.5 * (right[keep] + left[keep])
+    width = right - left
+    if not (width > 0).all():  # only NaN edges: np.unique leaves no zero-width panel
+        keep = width > 0
+        left, right, width = left[keep], right[keep], width[keep]
+    half = 0.5 * width
+    mid = 0.5 * (right + left)
     nodes = (mid[:, None] + half[:, None] * _PANEL_NODES[None, :]).ravel()
     weights = (half[:, None] * _PANEL_WEIGHTS[None, :]).ravel()
     return nodes, weights
+
+
+_OFFSETS: dict[int, np.ndarray] = {}
+
+
+def _refinement_offsets(levels: int) -> np.ndarray:
+    """``2^-k`` for k = 0 … levels (none when ``levels`` is 0), one row; kept per ``levels``."""
+    offsets = _OFFSETS.get(levels)
+    if offsets is None:
+        offsets = (2.0 ** -np.arange(levels + 1) if levels else np.zeros(0))[None, :]
+        offsets.setflags(write=False)
+        _OFFSETS[levels] = offsets
+    return offsets
 
 
 def _gaussian_rule(
@@ -496,17 +543,21 @@ def _input_rule(
     breaks = [(b - mean) / scale for b in act.breakpoints] + [-a / scale, a / scale]
     y, w = _composite_rule(-reach, reach, breaks, finest=0.25 * min(1.0, sigma) / scale)
     offset = scale * y
-    # Φ(hi) − Φ(lo) from the tail on the far side, so that neither tail loses its digits.
+    # Φ(hi) − Φ(lo) from the tail on the far side, so that neither tail loses its digits: right of 0
+    # erfc(lo) − erfc(hi), left of it erfc(−hi) − erfc(−lo); only the pair each node uses is evaluated.
     hi, lo = (offset + a) / (sigma * _SQRT2), (offset - a) / (sigma * _SQRT2)
     right = offset > 0
-    e_lo, e_hi, e_mhi, e_mlo = np.split(_erfc(np.concatenate((lo, hi, -hi, -lo))), 4)  # one call
-    mass = np.where(right, e_lo - e_hi, e_mhi - e_mlo) * 0.5
+    tails = _erfc(np.concatenate((np.where(right, lo, -hi), np.where(right, hi, -lo))))  # one call
+    n = offset.shape[0]
+    mass = (tails[:n] - tails[n:]) * 0.5
     return mean + offset, w * scale * mass / (2.0 * a)
 
 
 def _moments(act: Activation, x: np.ndarray, w: np.ndarray) -> ActivationMoments:
-    phi = act.phi(x)
-    dphi = act.dphi(x)
+    if act.phi_dphi is not None:
+        phi, dphi = act.phi_dphi(x)
+    else:
+        phi, dphi = act.phi(x), act.dphi(x)
     return ActivationMoments(
         mean=float(np.dot(w, phi)),
         second_moment=float(np.dot(w, phi * phi)),
@@ -810,15 +861,6 @@ class Prediction:
     grad_second_moment: float  # E[(dL/dy)²]
 
 
-@dataclass(frozen=True)
-class _InputLaw:
-    """A layer input modelled as ``mean + U + G``: uniform ``U ~ U(±halfwidth)``, ``G ~ N(0, gaussian_var)``."""
-
-    mean: float
-    gaussian_var: float
-    uniform_halfwidth: float = 0.0
-
-
 def predict_chain(
     layers: Sequence[ChainLayer],
     input_second_moment: float,
@@ -855,28 +897,7 @@ def predict_chain(
     """
     input_second_moment = _check_variance(input_second_moment, "input_second_moment")
     output_grad_second_moment = _check_variance(output_grad_second_moment, "output_grad_second_moment")
-    forward: list[tuple[float, float]] = []  # (E[y²], E[y]) per layer
-    backward_factors: list[float] = []  # E[(dL/dx)²] / E[(dL/dy)²] per layer
-    law = _InputLaw(float(input_mean), max(input_second_moment - float(input_mean) ** 2, 0.0))
-    second_moment = input_second_moment
-    for layer in layers:
-        if layer.kind == "affine":
-            weight_part = layer.fan_in * layer.weight_var * second_moment
-            second_moment = weight_part + layer.bias_second_moment
-            if layer.bias_distribution == "uniform":
-                law = _InputLaw(0.0, weight_part, math.sqrt(3.0 * layer.bias_second_moment))
-            else:
-                law = _InputLaw(0.0, second_moment)
-            forward.append((second_moment, 0.0))
-            backward_factors.append(layer.fan_out * layer.weight_var)
-        else:
-            activation = get_activation(layer.activation, layer.param)
-            moments = _law_moments(activation, law.mean, law.gaussian_var, law.uniform_halfwidth)
-            second_moment = moments.second_moment
-            law = _InputLaw(moments.mean, max(moments.variance, 0.0))
-            forward.append((second_moment, moments.mean))
-            backward_factors.append(moments.derivative_second_moment)
-
+    forward, backward_factors = _chain_forward(layers, input_second_moment, float(input_mean))
     grads = [0.0] * len(forward)
     grad = output_grad_second_moment
     for i in range(len(forward) - 1, -1, -1):
@@ -886,3 +907,36 @@ def predict_chain(
         Prediction(act_second_moment=s, act_mean=m, act_var=max(s - m * m, 0.0), grad_second_moment=g)
         for (s, m), g in zip(forward, grads)
     ]
+
+
+def _chain_forward(
+    layers: Sequence[ChainLayer], input_second_moment: float, input_mean: float
+) -> tuple[list[tuple[float, float]], list[float]]:
+    """:func:`predict_chain`'s forward pass from a checked input: ``(E[y²], E[y])`` of every layer and
+    its backward factor ``E[(dL/dx)²] / E[(dL/dy)²]``.
+
+    Each layer's input is modelled as ``mean + U + G``: uniform ``U ~ U(±halfwidth)`` (PyTorch's
+    default bias) plus ``G ~ N(0, gaussian_var)``.
+    """
+    forward: list[tuple[float, float]] = []
+    backward_factors: list[float] = []
+    mean, gaussian_var, halfwidth = input_mean, max(input_second_moment - input_mean**2, 0.0), 0.0
+    second_moment = input_second_moment
+    for layer in layers:
+        if layer.kind == "affine":
+            weight_part = layer.fan_in * layer.weight_var * second_moment
+            second_moment = weight_part + layer.bias_second_moment
+            if layer.bias_distribution == "uniform":
+                mean, gaussian_var, halfwidth = 0.0, weight_part, math.sqrt(3.0 * layer.bias_second_moment)
+            else:
+                mean, gaussian_var, halfwidth = 0.0, second_moment, 0.0
+            forward.append((second_moment, 0.0))
+            backward_factors.append(layer.fan_out * layer.weight_var)
+        else:
+            activation = get_activation(layer.activation, layer.param)
+            moments = _law_moments(activation, mean, gaussian_var, halfwidth)
+            second_moment = moments.second_moment
+            mean, gaussian_var, halfwidth = moments.mean, max(moments.variance, 0.0), 0.0
+            forward.append((second_moment, moments.mean))
+            backward_factors.append(moments.derivative_second_moment)
+    return forward, backward_factors

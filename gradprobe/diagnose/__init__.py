@@ -18,7 +18,7 @@ import types
 from typing import Any
 
 from gradprobe.diagnose.finding import SEVERITIES, Finding
-from gradprobe.diagnose.profile import DepthProfile, depth_profile
+from gradprobe.diagnose.profile import DepthProfile, analysis_scope, depth_profile
 from gradprobe.diagnose.rules import RULES
 from gradprobe.diagnose.suggest import suggested_init
 from gradprobe.diagnose.thresholds import Thresholds, resolve_thresholds
@@ -63,8 +63,9 @@ def diagnose(report: Report, thresholds: Thresholds | None = None, **overrides: 
     """
     thr = resolve_thresholds(thresholds, overrides)
     findings: list[Finding] = []
-    for rule in RULES.values():
-        findings.extend(rule(report, thr))
+    with analysis_scope(report):  # what several rules read (the depth profile, …) is computed once
+        for rule in RULES.values():
+            findings.extend(rule(report, thr))
     position = {layer.name: i for i, layer in enumerate(report.layers)}
 
     def key(f: Finding) -> tuple[int, int]:

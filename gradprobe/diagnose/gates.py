@@ -35,11 +35,11 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from gradprobe.diagnose.profile import DepthProfile, finite_positive, forward_chain
+from gradprobe.diagnose.profile import DepthProfile, depth_profile, finite_positive, forward_chain, per_report
 from gradprobe.diagnose.thresholds import Thresholds
 from gradprobe.report import LayerRecord, Report
 
-__all__ = ["Deficit", "gate_scale", "find_deficits", "after_steps_value"]
+__all__ = ["Deficit", "gate_scale", "find_deficits", "report_deficits", "after_steps_value"]
 
 Direction = Literal["forward", "backward"]
 Status = Literal["gated", "persistent", "unverified"]
@@ -124,9 +124,22 @@ class _Verdict:
     internal: float | None = None
 
 
+_OK = _Verdict("ok")
+_PERSISTENT = _Verdict("persistent")
+
+
 def _ratios(report: Report, direction: Direction, ref: LayerRecord, *, after: bool) -> dict[str, float]:
     """Every layer's ratio to the reference in this direction (forward: through
-    :func:`forward_chain`, so normalization layers reset the scale), at init or after the steps."""
+    :func:`forward_chain`, so normalization layers reset the scale), at init or after the steps.
+    Computed once per :func:`~gradprobe.diagnose.profile.analysis_scope`: not to be modified."""
+    return per_report(
+        report,
+        ("gates.ratios", direction, ref.name, after),
+        lambda: _compute_ratios(report, direction, ref, after),
+    )
+
+
+def _compute_ratios(report: Report, direction: Direction, ref: LayerRecord, after: bool) -> dict[str, float]:
     ref_value = _metric(ref, direction, after)
     if not finite_positive(ref_value):
         return {}
@@ -151,13 +164,13 @@ def _classify(
         limit = (
             thr.vanishing_activations_warning if direction == "forward" else thr.vanishing_gradients_warning
         )
-    verdicts = {name: _Verdict("ok") for name, v in values.items() if v > limit}
+    verdicts = {name: _OK for name, v in values.items() if v > limit}
     behind: dict[str, list[str]] = {}
     scales: dict[str, float] = {}
     for run in _runs(report, values, limit):
         for names, gate, scale in _segments(report, run, direction, values, thr):
             if gate is None:
-                verdicts.update({n: _Verdict("persistent") for n in names})
+                verdicts.update({n: _PERSISTENT for n in names})
             else:
                 behind.setdefault(gate, []).extend(names)
                 scales[gate] = scale  # type: ignore[assignment]
@@ -235,6 +248,13 @@ def _segments(
     return [part for part in parts if part[0]]
 
 
+def report_deficits(report: Report, thr: Thresholds) -> list[Deficit]:
+    """:func:`find_deficits` on the report's own :func:`~gradprobe.diagnose.profile.depth_profile`,
+    computed once per :func:`~gradprobe.diagnose.profile.analysis_scope` (the depth, zero-gate and
+    dead-unit rules all read it): not to be modified."""
+    return per_report(report, ("deficits", thr), lambda: find_deficits(report, depth_profile(report), thr))
+
+
 def find_deficits(report: Report, profile: DepthProfile, thr: Thresholds) -> list[Deficit]:
     """Every weighted layer at or below its direction's error threshold, with its gate and status."""
     checked = isinstance(report.meta.get("gate_check"), dict)
@@ -248,11 +268,12 @@ def find_deficits(report: Report, profile: DepthProfile, thr: Thresholds) -> lis
         at_init = _classify(report, direction, ref, limit, thr, after=False)  # type: ignore[arg-type]
         after = _classify(report, direction, ref, limit, thr, after=True) if checked else {}  # type: ignore[arg-type]
         after_ratios = _ratios(report, direction, ref, after=True) if checked else {}  # type: ignore[arg-type]
+        tops: dict[str | None, float] = {}  # per gate: the largest ratio after the steps behind it
         for p in profile.points:
             ratio = p.forward_ratio if direction == "forward" else p.backward_ratio
             if ratio is None or ratio > limit:
                 continue
-            v = at_init.get(p.name, _Verdict("persistent"))
+            v = at_init.get(p.name, _PERSISTENT)
             after_ratio = after_ratios.get(p.name)
             status: Status
             how: str | None = None
@@ -267,10 +288,16 @@ def find_deficits(report: Report, profile: DepthProfile, thr: Thresholds) -> lis
             else:
                 # Behind the same gate, after the steps: healthy at the warning level relative to the
                 # largest layer it holds back, or behind a nested gate that explains the rest.
-                group = [
-                    after_ratios[n] for n, w in at_init.items() if w.gate == v.gate and n in after_ratios
-                ]
-                top = max(group, default=0.0)
+                if v.gate not in tops:
+                    tops[v.gate] = max(
+                        (
+                            after_ratios[n]
+                            for n, w in at_init.items()
+                            if w.gate == v.gate and n in after_ratios
+                        ),
+                        default=0.0,
+                    )
+                top = tops[v.gate]
                 healthy = (
                     thr.vanishing_activations_warning
                     if direction == "forward"

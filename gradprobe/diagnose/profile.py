@@ -26,8 +26,11 @@ slow polynomial decay of critical tanh (ln r ∝ ln(1 + k), REFERENCE #4).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gradprobe.report import LayerRecord, Report
 
@@ -44,9 +47,67 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# What the rules of one diagnosis share
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Scope:
+    __slots__ = ("report", "values")
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.values: dict[Hashable, Any] = {}
+
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("gradprobe_diagnosis_scope", default=None)
+
+
+@contextmanager
+def analysis_scope(report: Report) -> Iterator[None]:
+    """Within this block, what the rules compute from ``report`` alone (its depth profile, its
+    deficits, the weight-scale verdicts…) is computed once and shared through :func:`per_report`
+    instead of once per rule. :func:`gradprobe.diagnose.diagnose` runs its rules inside one; the
+    report must not change inside it. Outside it (a rule called on its own) nothing is kept."""
+    token = _SCOPE.set(_Scope(report))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def per_report(report: Report, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, computed once per ``key`` inside the :func:`analysis_scope` of ``report`` (always
+    computed outside one). Callers must not modify what it returns."""
+    scope = _SCOPE.get()
+    if scope is None or scope.report is not report:
+        return compute()
+    try:
+        return scope.values[key]  # type: ignore[no-any-return]
+    except KeyError:
+        value = scope.values[key] = compute()
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# The profile
+# --------------------------------------------------------------------------------------------
+
+
 def is_weighted(layer: LayerRecord) -> bool:
     """A layer owning a parameter of dimension ≥ 2 (Linear, ConvNd, Embedding, RNNs, attention…)."""
-    return any(len(p.shape) >= 2 for p in layer.params)
+    for p in layer.params:
+        if len(p.shape) >= 2:
+            return True
+    return False
+
+
+def weighted_layers(report: Report) -> list[LayerRecord]:
+    """The weighted layers (:func:`is_weighted`) in execution order (a new list; shared within an
+    :func:`analysis_scope`, so callers must not modify it)."""
+    return per_report(report, "weighted", lambda: [x for x in report.layers if is_weighted(x)])
 
 
 def is_normalization(layer: LayerRecord) -> bool:
@@ -236,8 +297,7 @@ def _energy(layer: LayerRecord) -> float | None:
 def backward_reference(report: Report) -> LayerRecord | None:
     """The last weighted layer with a positive finite gradient energy; failing that (everything
     behind a zero gate at the very output), the layer with the largest gradient energy."""
-    weighted = [x for x in report.layers if is_weighted(x)]
-    for layer in reversed(weighted):
+    for layer in reversed(weighted_layers(report)):
         e = _energy(layer)
         if e is not None:
             if e > 0:
@@ -252,8 +312,13 @@ def backward_reference(report: Report) -> LayerRecord | None:
 
 
 def depth_profile(report: Report) -> DepthProfile:
-    """The depth profile of a report (see the module docstring for the metrics)."""
-    weighted = [x for x in report.layers if is_weighted(x)]
+    """The depth profile of a report (see the module docstring for the metrics). Computed once per
+    :func:`analysis_scope`."""
+    return per_report(report, "depth_profile", lambda: _depth_profile(report))
+
+
+def _depth_profile(report: Report) -> DepthProfile:
+    weighted = weighted_layers(report)
     fwd_ref = next((x for x in weighted if finite_positive(_signal(x))), None)
     bwd_ref = backward_reference(report)
     signals = {x.name: v for x in report.layers for v in [_signal(x)] if v is not None}

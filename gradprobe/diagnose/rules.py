@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradprobe.diagnose.finding import Finding
-from gradprobe.diagnose.gates import find_deficits
+from gradprobe.diagnose.gates import report_deficits
 from gradprobe.diagnose.profile import depth_profile, fit_trend
 from gradprobe.diagnose.suggest import depth_fix, dominant_activation, init_for_activation
 from gradprobe.diagnose.thresholds import Thresholds
@@ -95,7 +95,7 @@ def depth_rule(report: Report, thr: Thresholds) -> list[Finding]:
     polynomially and trains).
     """
     profile = depth_profile(report)
-    deficits = find_deficits(report, profile, thr)
+    deficits = report_deficits(report, thr)
     findings: list[Finding] = []
     for direction in ("forward", "backward"):
         kind, metric, end = _METRIC[direction]
@@ -190,7 +190,7 @@ def zero_gate_rule(report: Report, thr: Thresholds) -> list[Finding]:
     """Deficits explained by a zero or small multiplicative gate: ``zero_gate`` info when the layers
     behind it are healthy among themselves (at init, or after the probe's optimizer steps for an
     exactly-zero gate), a warning when the gate is exactly zero and the step check did not run."""
-    deficits = find_deficits(report, depth_profile(report), thr)
+    deficits = report_deficits(report, thr)
     findings: list[Finding] = []
     check = report.meta.get("gate_check") if isinstance(report.meta.get("gate_check"), dict) else None
     for status, severity in (("gated", "info"), ("unverified", "warning")):
@@ -431,7 +431,7 @@ def dead_units_rule(report: Report, thr: Thresholds) -> list[Finding]:
     """Units of ReLU-family modules that are ≤ 0 for every sample, against random-init expectations."""
     items: list[tuple[str, LayerRecord, str, dict[str, Any], str]] = []
     depth = 0
-    gated = {d.layer for d in find_deficits(report, depth_profile(report), thr) if d.status != "persistent"}
+    gated = {d.layer for d in report_deficits(report, thr) if d.status != "persistent"}
     positions = {x.name: i for i, x in enumerate(report.layers)}
     for layer in report.layers:
         if layer.type not in RELU_FAMILY_MODULES or layer.act is None or not layer.act.units:
@@ -520,14 +520,39 @@ def saturation_rule(report: Report, thr: Thresholds) -> list[Finding]:
 # --------------------------------------------------------------------------------------------
 
 
-def _nonfinite(stats: TensorStats | None) -> dict[str, Any] | None:
-    """What kind of non-finite values a stream holds, None when all finite."""
+def _finite_extremes(streams: list[TensorStats]) -> list[bool]:
+    """For each stream, whether its per-unit maxima and minima are all finite: ``np.isfinite`` of
+    every stream's ``unit_max`` and ``unit_min`` at once (a transformer has ~400 streams; one numpy
+    call each cost more than the check), then the array each non-finite value lies in."""
+    arrays = [a for stats in streams for a in (stats.moments.unit_max, stats.moments.unit_min)]
+    if not arrays:
+        return []
+    try:
+        finite = np.isfinite(np.concatenate(arrays))
+    except (ValueError, TypeError):  # not all 1-D arrays: one at a time
+        return [
+            bool(np.isfinite(s.moments.unit_max).all() and np.isfinite(s.moments.unit_min).all())
+            for s in streams
+        ]
+    if finite.all():
+        return [True] * len(streams)
+    ends = np.cumsum([np.size(a) for a in arrays])
+    hit = np.zeros(len(arrays), dtype=bool)
+    hit[np.searchsorted(ends, np.flatnonzero(~finite), side="right")] = True  # ends[k-1] ≤ position < ends[k]
+    return (~(hit[0::2] | hit[1::2])).tolist()
+
+
+def _nonfinite(stats: TensorStats | None, extremes_finite: bool | None = None) -> dict[str, Any] | None:
+    """What kind of non-finite values a stream holds, None when all finite. ``extremes_finite``: the
+    stream's entry of :func:`_finite_extremes` when known."""
     if stats is None:
         return None
     m = stats.moments
     hi, lo = m.unit_max, m.unit_min
     flagged = m.nonfinite_units > 0 or (stats.nonfinite or 0) > 0
-    if not flagged and np.isfinite(hi).all() and np.isfinite(lo).all():
+    if not flagged and (
+        extremes_finite if extremes_finite is not None else np.isfinite(hi).all() and np.isfinite(lo).all()
+    ):
         return None
     # Per-unit max/min propagate NaN, so they tell NaN from ±inf; a flag with finite extremes cannot
     # be attributed and counts as NaN.
@@ -551,19 +576,25 @@ def non_finite_rule(report: Report, thr: Thresholds) -> list[Finding]:
     by finite outputs is an attention mask, not an error."""
     findings: list[Finding] = []
     layers = report.layers
+    streams = [s for x in layers for s in (x.act, x.grad) if s is not None]
+    finite = dict(zip(map(id, streams), _finite_extremes(streams)))
+
+    def kind_of(stats: TensorStats | None) -> dict[str, Any] | None:
+        return _nonfinite(stats, None if stats is None else finite.get(id(stats)))
+
     first: tuple[LayerRecord, dict[str, Any]] | None = None
     masks: list[str] = []
     for i, layer in enumerate(layers):
-        kind = _nonfinite(layer.act)
+        kind = kind_of(layer.act)
         if kind is None:
             continue
-        later_finite = any(x.act is not None and _nonfinite(x.act) is None for x in layers[i + 1 :])
+        later_finite = any(x.act is not None and kind_of(x.act) is None for x in layers[i + 1 :])
         if kind["mask_like"] and later_finite:
             masks.append(layer.name)
             continue
         first = (layer, kind)
         break
-    backward = [x for x in sorted(layers, key=lambda x: -x.index) if _nonfinite(x.grad) is not None]
+    backward = [x for x in sorted(layers, key=lambda x: -x.index) if kind_of(x.grad) is not None]
     if first is not None:
         layer, kind = first
         inputs_finite = layer.extra.get("inputs_finite")
@@ -604,7 +635,7 @@ def non_finite_rule(report: Report, thr: Thresholds) -> list[Finding]:
         )
     elif backward:
         layer = backward[0]
-        kind = _nonfinite(layer.grad)
+        kind = kind_of(layer.grad)
         assert kind is not None
         values = "/".join(k for k in ("nan", "+inf", "-inf") if kind[k]) or "non-finite values"
         findings.append(

@@ -20,11 +20,12 @@ at any weight scale (REFERENCE #14). Then the suggestion names normalization or 
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import Counter
 
-from gradprobe.diagnose.profile import is_weighted
+from gradprobe.diagnose.profile import per_report, weighted_layers
 from gradprobe.report import LayerRecord, Report
 
 __all__ = [
@@ -55,7 +56,10 @@ _FALLBACK_GAIN = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def _gain(activation: str | None, param: float | None = None) -> float:
+    """The activation's variance-preserving gain; a constant of the activation (kept: gelu's and
+    silu's take a quadrature, and the weight-scale check asks for every weighted layer)."""
     if activation is None:
         return 1.0
     if activation in ("leaky_relu", "prelu", "rrelu"):
@@ -90,8 +94,8 @@ def dominant_activation(report: Report, names: list[str] | tuple[str, ...] | Non
     chosen = set(names) if names else None
     counts = Counter(
         x.activation
-        for x in report.layers
-        if is_weighted(x) and x.activation is not None and (chosen is None or x.name in chosen)
+        for x in weighted_layers(report)
+        if x.activation is not None and (chosen is None or x.name in chosen)
     )
     if not counts and chosen is not None:
         return dominant_activation(report)
@@ -122,7 +126,11 @@ def weight_scale_match(report: Report) -> float | None:
     """Fraction of weighted layers (with a ``weight`` matrix) whose fan_in·Var[w] is
     variance-preserving for the activation that follows them; None when none can be judged.
     The last weighted layer (usually the head, often deliberately scaled) is left out."""
-    weighted = [x for x in report.layers if is_weighted(x)][:-1]
+    return per_report(report, "weight_scale_match", lambda: _weight_scale_match(report))
+
+
+def _weight_scale_match(report: Report) -> float | None:
+    weighted = weighted_layers(report)[:-1]
     verdicts = []
     for layer in weighted:
         f = _variance_factor(layer)
@@ -132,7 +140,11 @@ def weight_scale_match(report: Report) -> float | None:
 
 
 def _median_factor(report: Report) -> float | None:
-    factors = [f for x in report.layers if is_weighted(x) for f in [_variance_factor(x)] if f is not None]
+    return per_report(report, "median_factor", lambda: _compute_median_factor(report))
+
+
+def _compute_median_factor(report: Report) -> float | None:
+    factors = [f for x in weighted_layers(report) for f in [_variance_factor(x)] if f is not None]
     return statistics.median(factors) if factors else None
 
 
@@ -145,7 +157,9 @@ def depth_fix(report: Report, code: str, layers: tuple[str, ...] | list[str] = (
     activation = dominant_activation(report, tuple(layers))
     name, said = init_for_activation(activation)
     matched = weight_scale_match(report)
-    has_batchnorm = any("BatchNorm" in x.type for x in report.layers)
+    has_batchnorm = per_report(
+        report, "has_batchnorm", lambda: any("BatchNorm" in x.type for x in report.layers)
+    )
     already = _current_init(report).startswith(name)
     weights_ok = matched is not None and matched >= 0.5
     if code == "exploding_gradients" and has_batchnorm and (weights_ok or already):

@@ -9,6 +9,7 @@ Fractions are per layer. ``docs/findings.md`` explains every default at length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def resolve_thresholds(
     base: Thresholds | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Thresholds:
     """``base`` (default: the defaults) with ``overrides`` applied; unknown names raise UsageError."""
-    base = base or Thresholds()
+    base = base or _defaults()
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(Thresholds.names()))
     if unknown:
@@ -132,3 +133,9 @@ def resolve_thresholds(
             f"valid: {', '.join(Thresholds.names())}"
         )
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> Thresholds:
+    """The default thresholds, validated once (frozen, so one instance serves every diagnosis)."""
+    return Thresholds()

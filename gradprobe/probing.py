@@ -922,15 +922,42 @@ class _Session:
         from gradprobe.initializers import weight_fans
 
         ordered = sorted(states.values(), key=lambda s: s.index)
-        # One host transfer for everything: flatten every accumulated tensor into one float64 vector.
-        parts: list[torch.Tensor] = []
-        slots: list[tuple[str, str, list[int]]] = []  # (layer, "act" | "grad", sizes)
+        # Summaries without a histogram are in the kernel's packed layout (mean, M2, max, min, then
+        # three counts): its one part, or seven that the concatenation below puts side by side. They
+        # are built all at once (TensorStats.from_packed), and go first, by unit count, so that those
+        # of one width lie evenly spaced (there, rows of one 2-D view: no copy). The others, and any
+        # that from_packed hands back, one by one.
+        Slot = tuple[int, ModuleState, str, DeviceMoments, list[torch.Tensor], list[int]]
+        packed: list[Slot] = []  # (units, state, "act" | "grad", accumulator, tensors, their sizes)
+        others: list[Slot] = []
         for st in ordered:
             for kind, acc in (("act", st.act), ("grad", st.grad)):
-                if not acc.empty:
-                    tensors = acc.pack()
-                    slots.append((st.name, kind, [t.numel() for t in tensors]))
-                    parts.extend(t if t.dim() == 1 else t.reshape(-1) for t in tensors)  # cat() makes them float64
+                if acc.empty:
+                    continue
+                tensors = acc.pack()
+                sizes = [t.numel() for t in tensors]
+                if len(sizes) == 1:
+                    packed.append(((sizes[0] - 3) // 4, st, kind, acc, tensors, sizes))
+                elif sizes[4:] == [1, 1, 1] and sizes[0] == sizes[1] == sizes[2] == sizes[3]:
+                    packed.append((sizes[0], st, kind, acc, tensors, sizes))
+                else:
+                    others.append((-1, st, kind, acc, tensors, sizes))
+        packed.sort(key=lambda slot: slot[0])  # stable: execution order within a width
+        # One host transfer for everything: flatten every accumulated tensor into one float64 vector.
+        parts: list[torch.Tensor] = []
+        where: dict[tuple[str, str], tuple[int, list[int]]] = {}  # (layer, "act" | "grad"): position, sizes
+        packed_keys: list[tuple[str, str]] = []
+        packed_entries: list[tuple[int, int, int, int, int]] = []
+        pos = 0
+        for units, st, kind, acc, tensors, sizes in packed + others:
+            key = (st.name, kind)
+            where[key] = (pos, sizes)
+            if units >= 0:
+                packed_keys.append(key)
+                packed_entries.append((pos, units, acc.rows, acc.calls, st.elements_per_sample))
+            for t in tensors:
+                parts.append(t if t.dim() == 1 else t.reshape(-1))  # cat() makes them float64
+            pos += sum(sizes)
         table, rows_of = param_stats
         if table is not None:
             parts.append(table.reshape(-1))  # last: [Σw, Σw², ‖∇‖² or −1] per row
@@ -943,87 +970,78 @@ class _Session:
             if parts
             else np.zeros(0)
         )
-        unpacked: dict[tuple[str, str], list[np.ndarray]] = {}
-        pstats: dict[str, list[np.ndarray]] = {}
-        # summaries in the kernel's packed layout (one part): built all at once (TensorStats.from_packed)
-        packed_keys: list[tuple[str, str]] = []
-        packed_entries: list[tuple[int, int, int, int, int]] = []
-        pos = 0
-        for name, kind, sizes in slots:
-            if len(sizes) == 1:
-                acc = states[name].act if kind == "act" else states[name].grad
-                packed_keys.append((name, kind))
-                packed_entries.append(
-                    (pos, (sizes[0] - 3) // 4, acc.rows, acc.calls, states[name].elements_per_sample)
-                )
-            chunks = []
-            for n in sizes:
-                chunks.append(flat[pos : pos + n])  # views of one fresh array
-                pos += n
-            unpacked[(name, kind)] = chunks
-        for name, table_rows in rows_of.items():
-            pstats[name] = [flat[pos + 3 * r : pos + 3 * r + 3] for r in table_rows]  # Σw, Σw², ‖∇‖²
+        # Σw, Σw², ‖∇‖² per row of the parameter table, as Python floats in one conversion
+        param_rows: list[list[float]] = flat[pos:].reshape(-1, 3).tolist() if table is not None else []
         built = dict(zip(packed_keys, TensorStats.from_packed(flat, packed_entries)))
 
-        modules = dict(self.model.named_modules())
+        def unpacked(st: ModuleState, kind: str) -> TensorStats | None:
+            stats = built.get((st.name, kind))
+            acc = st.act if kind == "act" else st.grad
+            if stats is not None or acc.empty:
+                return stats
+            start, sizes = where[(st.name, kind)]
+            chunks = []
+            for n in sizes:
+                chunks.append(flat[start : start + n])  # views of one fresh array
+                start += n
+            moments = DeviceMoments.unpack(chunks, acc.rows, acc.calls)
+            return TensorStats.from_moments(moments, st.elements_per_sample)
+
+        modules = self.modules  # the recorded modules by name, the root as "model"
+        named: dict[str, nn.Module] | None = None
         layers: list[LayerRecord] = []
         for st in ordered:
-            module = modules["" if st.name == "model" else st.name]
-            eps = st.elements_per_sample
-            act = built.get((st.name, "act"))
-            if act is None and not st.act.empty:
-                act = TensorStats.from_moments(
-                    DeviceMoments.unpack(unpacked[(st.name, "act")], st.act.rows, st.act.calls), eps
-                )
-            grad = built.get((st.name, "grad"))
-            if grad is None and not st.grad.empty:
-                grad = TensorStats.from_moments(
-                    DeviceMoments.unpack(unpacked[(st.name, "grad")], st.grad.rows, st.grad.calls), eps
-                )
+            module = modules.get(st.name)
+            if module is None:  # not expected: every state is a recorded module's
+                named = dict(self.model.named_modules()) if named is None else named
+                module = named["" if st.name == "model" else st.name]
             params_out: list[ParamRecord] = []
-            rows = iter(pstats.get(st.name, []))
-            module_fans = weight_fans(module) if module._parameters else {}
-            for pname, p in module._parameters.items():
-                if p is None:
-                    continue
-                total, square_total, gsq = (float(v) for v in next(rows))
-                size = max(1, p.numel())
-                mean, sq = total / size, square_total / size
-                fan_in, fan_out = module_fans.get(pname, (None, None))
-                params_out.append(
-                    ParamRecord(
-                        name=pname,
-                        shape=list(p.shape),
-                        numel=p.numel(),
-                        requires_grad=p.requires_grad,
-                        mean=mean,
-                        var=max(sq - mean * mean, 0.0),
-                        rms=math.sqrt(sq),
-                        fan_in=fan_in,
-                        fan_out=fan_out,
-                        grad_sq_sum=None if gsq < 0 else gsq,
-                        batches=self._batches if gsq >= 0 else 0,
+            own = module._parameters
+            if own:
+                rows = iter(rows_of.get(st.name, ()))
+                module_fans = weight_fans(module)
+                for pname, p in own.items():
+                    if p is None:
+                        continue
+                    total, square_total, gsq = param_rows[next(rows)]
+                    numel = p.numel()
+                    size = max(1, numel)
+                    mean, sq = total / size, square_total / size
+                    fan_in, fan_out = module_fans.get(pname, (None, None))
+                    params_out.append(
+                        ParamRecord(  # positional, in the order of the fields (keywords cost ~1 µs more)
+                            pname,  # name
+                            list(p.shape),  # shape
+                            numel,
+                            p.requires_grad,
+                            mean,
+                            max(sq - mean * mean, 0.0),  # var
+                            math.sqrt(sq),  # rms
+                            fan_in,
+                            fan_out,
+                            None if gsq < 0 else gsq,  # grad_sq_sum
+                            self._batches if gsq >= 0 else 0,  # batches
+                        )
                     )
-                )
             act_name = self.activations.get(st.name)
             layers.append(
-                LayerRecord(
-                    name=st.name,
-                    type=st.module_type,
-                    index=st.index,
-                    calls=st.calls,
-                    output_shape=st.output_shape or [],
-                    unit_axis=st.unit_axis,
-                    elements_per_sample=eps,
-                    activation=act_name[0] if act_name else None,
-                    activation_param=act_name[1] if act_name else None,
-                    gain=self.gains.get(st.name),
-                    initializer=self.init_desc.get(st.name),
-                    act=act,
-                    grad=grad,
-                    params=params_out,
-                    outputs_skipped=st.outputs_skipped,
-                    grad_missing=st.grad_missing,
+                LayerRecord(  # positional, in the order of the fields (keywords cost ~2 µs more)
+                    st.name,  # name
+                    st.module_type,  # type
+                    st.index,  # index
+                    st.calls,  # calls
+                    st.output_shape or [],  # output_shape
+                    st.unit_axis,  # unit_axis
+                    st.elements_per_sample,  # elements_per_sample
+                    act_name[0] if act_name else None,  # activation
+                    act_name[1] if act_name else None,  # activation_param
+                    self.gains.get(st.name),  # gain
+                    self.init_desc.get(st.name),  # initializer
+                    unpacked(st, "act"),  # act
+                    unpacked(st, "grad"),  # grad
+                    params_out,  # params
+                    st.outputs_skipped,  # outputs_skipped
+                    st.grad_missing,  # grad_missing
                 )
             )
         return layers

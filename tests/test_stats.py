@@ -208,3 +208,167 @@ def test_batched_report_statistics_equal_the_per_tensor_ones() -> None:
         for f in ("mean", "m2", "unit_max", "unit_min"):
             np.testing.assert_array_equal(getattr(b.moments, f), getattr(e.moments, f))
     assert expected[0].dead_units >= 5 and expected[1].saturated_fraction > 0
+
+
+def _bits(x: object) -> object:
+    """A float's exact bits (every NaN alike), anything else as it is."""
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else np.float64(x).tobytes()
+    return x
+
+
+def _packed_summary(rng: np.random.Generator, u: int, rows: int, kind: str) -> np.ndarray:
+    """One summary in the kernel's packed layout (mean, M2, max, min, nonzero, saturated, −1)."""
+    offset = float(rng.choice([0.0, 1e4, -3.0, 1e-6]))
+    mean = offset + rng.standard_normal(u) * float(rng.choice([1.0, 1e-3, 50.0]))
+    m2 = rows * rng.random(u) ** 3 * float(rng.choice([1.0, 1e-8, 1e6]))
+    m2[rng.random(u) < 0.2] = 0.0  # constant units
+    m2[rng.random(u) < 0.05] = -1e-18  # rounding below zero: clamped
+    spread = np.sqrt(np.maximum(m2, 0.0) / rows) * 3
+    unit_max, unit_min = mean + spread, mean - spread
+    unit_max[rng.random(u) < 0.2] = -0.5  # dead units
+    nonzero = float(rng.integers(0, rows * u + 1))
+    saturated = -1.0 if rng.random() < 0.5 else float(rng.integers(0, rows * u + 1))
+    if kind == "nan":
+        mean[rng.integers(u)] = math.nan
+    elif kind == "inf":
+        m2[rng.integers(u)] = math.inf
+    elif kind == "-inf":
+        mean[rng.integers(u)] = -math.inf
+    elif kind == "overflow":  # every value finite, their sum not
+        mean[:] = 1.5e308
+    return np.concatenate([mean, m2, unit_max, unit_min, [nonzero, saturated, -1.0]])
+
+
+def test_packed_statistics_are_bit_equal_to_per_summary_ones_for_every_unit_count() -> None:
+    """TensorStats.from_packed (rows of 2-D arrays, by unit count) against from_moments (one 1-D
+    summary at a time), every field bit for bit: odd and even unit counts, one unit, counts around
+    numpy's pairwise-sum blocks (8, 128), summaries evenly spaced (a view of the flat array) and
+    interleaved with other widths (a copy), and the non-finite or empty ones handed back (None).
+    A change of summation order on one side only (BLAS's ``d @ d`` for Σd² in one of them) fails
+    here; so does a JSON round trip that is not exact."""
+    import json
+
+    from gradprobe.report import TensorStats
+
+    rng = np.random.default_rng(11)
+    counts = [1, 2, 3, 7, 8, 9, 16, 17, 100, 127, 128, 129, 130, 255, 256, 257, 1000, 1024, 1025, 3001]
+    specs = [(1024, "ok")] * 6  # one after another: evenly spaced
+    specs += [(u, "ok") for u in counts for _ in range(3)]
+    specs += [(u, kind) for u in (1, 8, 129, 1024) for kind in ("nan", "inf", "-inf")] + [(64, "overflow")]
+    order = list(range(6)) + list(6 + rng.permutation(len(specs) - 6))  # the rest interleaved
+    parts, entries, kinds = [], [], []
+    offset = 0
+    for i in order:
+        u, kind = specs[i]
+        rows = int(rng.choice([1, 2, 7, 256, 4096]))
+        flat = _packed_summary(rng, u, rows, kind)
+        if rng.random() < 0.3:  # something else in between (a histogram's summary, the parameter table)
+            parts.append(rng.standard_normal(int(rng.integers(1, 9))))
+            offset += parts[-1].shape[0]
+        entries.append((offset, u, rows, int(rng.integers(1, 4)), int(rng.integers(1, 5000))))
+        kinds.append(kind)
+        parts.append(flat)
+        offset += flat.shape[0]
+    entries.append((offset, 5, 0, 1, 5))  # no rows
+    parts.append(_packed_summary(rng, 5, 1, "ok"))
+    kinds.append("empty")
+    flat = np.concatenate(parts)
+    expected = [
+        TensorStats.from_moments(DeviceMoments.unpack([flat[o : o + 4 * u + 3].copy()], rows, calls), eps)
+        if kind == "ok"
+        else None
+        for (o, u, rows, calls, eps), kind in zip(entries, kinds)
+    ]
+    built = TensorStats.from_packed(flat.copy(), entries)
+    fields = [f for f in TensorStats.__dataclass_fields__ if f != "moments"] + ["signal_var"]
+    checked = 0
+    for b, e, kind, entry in zip(built, expected, kinds, entries):
+        if kind != "ok":
+            assert b is None, kind  # the caller takes from_moments
+            continue
+        assert b is not None and e is not None
+        for f in fields:
+            assert _bits(getattr(b, f)) == _bits(getattr(e, f)), (b.units, f, getattr(b, f), getattr(e, f))
+        for f in ("rows", "zeros", "saturated", "nonfinite_units", "nonfinite", "calls"):
+            assert getattr(b.moments, f) == getattr(e.moments, f), f
+        for f in ("mean", "m2", "unit_max", "unit_min"):
+            assert getattr(b.moments, f).tobytes() == getattr(e.moments, f).tobytes(), f
+        # what a report read back from JSON computes: the same bits
+        text = json.dumps(b.to_dict())
+        back = TensorStats.from_dict(json.loads(text), entry[4])
+        assert json.dumps(back.to_dict()) == text
+        checked += 1
+    assert checked == 6 + 3 * len(counts)
+    assert any(e is not None and e.dead_units and e.saturated_fraction for e in expected)
+
+
+def test_median_is_numpys() -> None:
+    """report._median (one kth, then the maximum of the lower half) and its row-wise form give
+    np.median's value."""
+    from gradprobe.report import _median, _medians
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 4, 5, 8, 9, 64, 127, 128, 1024, 1025):
+        for ties in (False, True):
+            x = rng.standard_normal((6, n)) ** 2
+            if ties:
+                x[:, ::2] = 0.0
+            rows = _medians(x)
+            for r, v in zip(x, rows):
+                assert _median(r, finite=True) == _median(r) == np.median(r) == v
+    assert math.isnan(_median(np.array([1.0, math.nan, 2.0])))
+    assert math.isnan(_median(np.array([-math.inf, math.inf])))
+    assert _median(np.array([-math.inf, 1.0, math.inf])) == 1.0
+    assert math.isnan(_median(np.zeros(0)))
+
+
+def test_record_fields_keep_the_order_positional_construction_assumes() -> None:
+    """TensorStats.from_packed and _Session._layers build these records positionally (keyword calls
+    cost ~1-2 µs more per object, and a report has hundreds): a field moved or inserted before the
+    last one they pass must be moved there too."""
+    from gradprobe.report import LayerRecord, ParamRecord, TensorStats
+
+    assert tuple(TensorStats.__dataclass_fields__) == (
+        "count", "mean", "var", "rms", "min", "max", "zero_fraction", "nonfinite", "units",
+        "unit_var_min", "unit_var_median", "unit_var_max", "dead_units", "saturated_fraction", "energy",
+        "moments",
+    )  # fmt: skip
+    assert tuple(Moments.__dataclass_fields__)[:10] == (
+        "rows", "mean", "m2", "unit_max", "unit_min", "zeros", "saturated", "nonfinite_units", "nonfinite", "calls",
+    )  # fmt: skip
+    assert tuple(ParamRecord.__dataclass_fields__) == (
+        "name", "shape", "numel", "requires_grad", "mean", "var", "rms", "fan_in", "fan_out", "grad_sq_sum", "batches",
+    )  # fmt: skip
+    assert tuple(LayerRecord.__dataclass_fields__)[:16] == (
+        "name", "type", "index", "calls", "output_shape", "unit_axis", "elements_per_sample", "activation",
+        "activation_param", "gain", "initializer", "act", "grad", "params", "outputs_skipped", "grad_missing",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_probe_report_round_trips_bit_equal_at_several_widths(batches: int) -> None:
+    """A probe's report (built with TensorStats.from_packed: the kernel's one-part summaries, the
+    seven-part ones of several batches or of the PyTorch path) read back from JSON (every statistic
+    recomputed by from_moments) is the same report, bit for bit; with histograms too (their
+    summaries are built one by one)."""
+    import gradprobe
+    from gradprobe.report import Report
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(33, 300),
+        torch.nn.ReLU(),
+        torch.nn.Linear(300, 1025),
+        torch.nn.Tanh(),
+        torch.nn.Linear(1025, 129),
+        torch.nn.ReLU(),
+        torch.nn.Linear(129, 1),
+    )
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(64, 33, generator=g) * 3 + 1 for _ in range(batches)]
+    for histograms in (False, True):
+        r = gradprobe.probe(model, x, diagnose=False, gate_check=False, histograms=histograms)
+        text = r.to_json()
+        assert Report.from_json(text).to_json() == text
+        assert r["2"].act is not None and r["2"].act.units == 1025 and r["2"].grad is not None

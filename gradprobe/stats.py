@@ -704,6 +704,15 @@ def _collapse(s: _Summary) -> _Summary:
     )
 
 
+def _memo_key(x: torch.Tensor, axis: int | None, saturation: tuple[float, float] | None) -> Any:
+    """What identifies one summary of ``x`` (:meth:`Scratch.recall`): the tensor, its version and the
+    options; None for inference tensors, which have no version counter (not memoised)."""
+    try:
+        return (id(x), x._version, axis, saturation, tuple(x.shape), x.dtype)
+    except RuntimeError:
+        return None
+
+
 # Summaries kept per accumulator before they are merged (bounds memory for long loops).
 _MAX_PENDING = 16
 
@@ -771,12 +780,15 @@ class DeviceMoments:
         a, b = math.prod(shape[:unit]), math.prod(shape[unit + 1 :])
         if a * b == 0:
             return False
-        summary = self._read_once(
-            x,
-            axis,
-            saturation,
-            lambda: _kernel_summary(x.data_ptr(), x.dtype, a, u, b, (u * b, b, 1), True, self._scratch, saturation),
-        )
+        # [perf] the memo without a closure and a frame per call: this runs for every recorded
+        # tensor, between two large operators, where each Python call costs several µs (caches cold)
+        scratch = self._scratch
+        key = _memo_key(x, axis, saturation)
+        summary = None if key is None else scratch.recall(x, key)
+        if summary is None:
+            summary = _kernel_summary(x.data_ptr(), x.dtype, a, u, b, (u * b, b, 1), True, scratch, saturation)
+            if key is not None:
+                scratch.remember(x, key, summary)
         self._queue(summary, a * b, saturation)
         return True
 
@@ -785,9 +797,8 @@ class DeviceMoments:
     ) -> _Summary:
         """``read()``, unless this very tensor (same object, same version, same options) was just
         summarised: then that summary (the scratch's memo)."""
-        try:
-            key: Any = (id(x), x._version, axis, saturation, tuple(x.shape), x.dtype)
-        except RuntimeError:  # inference tensors have no version counter: do not memoise
+        key = _memo_key(x, axis, saturation)
+        if key is None:
             return read()
         summary = self._scratch.recall(x, key)
         if summary is None:

@@ -225,10 +225,12 @@ Found = list[tuple[UnitSet, list[list[int]]]]
 
 
 def _group_module(
-    module: nn.Module, tensors: Mapping[str, torch.Tensor], row_sums: Mapping[str, torch.Tensor] | None = None
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    row_sums: Mapping[str, torch.Tensor | None] | None = None,
 ) -> Found:
     """The unit sets of ``module`` with their groups of identical units (weights alone). ``row_sums``:
-    parameter name → the float64 sum of each of its rows (dim 0), when known: a set whose first part's
+    parameter name → the float64 sum of each of its rows (dim 0), where known: a set whose first part's
     rows all have different sums has no group, and its rows are not read again."""
     found: Found = []
     for s in unit_features(module, tensors):
@@ -238,7 +240,7 @@ def _group_module(
 
 
 def _part_row_sums(
-    s: UnitSet, tensors: Mapping[str, torch.Tensor], row_sums: Mapping[str, torch.Tensor]
+    s: UnitSet, tensors: Mapping[str, torch.Tensor], row_sums: Mapping[str, torch.Tensor | None]
 ) -> torch.Tensor | None:
     """The row sums of the units of ``s``'s first part, when that part is a block of whole rows of its
     parameter (Linear, Conv, an RNN gate's or attention's q/k/v rows), else None."""
@@ -342,6 +344,8 @@ def _named_tensors(
     params: Mapping[int, nn.Parameter] | None,
     grads: Mapping[int, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """``module``'s parameters as used (``params``) by name, and what ``grads`` holds for each used
+    parameter by its id (its gradient, or its row sums: :func:`group_units`) by name, else None."""
     tensors: dict[str, torch.Tensor] = {}
     gradients: dict[str, torch.Tensor | None] = {}
     for name, p in module._parameters.items():
@@ -390,14 +394,8 @@ def group_units(
         module = modules.get(name)
         if module is None:
             continue
-        tensors, _ = _named_tensors(module, params, {})
+        tensors, sums = _named_tensors(module, params, row_sums or {})  # row sums by name, as gradients
         if any(t.dim() >= 2 for t in tensors.values()) and not any(t.is_meta for t in tensors.values()):
-            sums: dict[str, torch.Tensor] = {}
-            if row_sums:
-                for pname, p in module._parameters.items():
-                    found_sums = None if p is None else row_sums.get(id(p if params is None else params.get(id(p), p)))
-                    if found_sums is not None:
-                        sums[pname] = found_sums
             weighted.append((name, module, tensors, sums))
     found = {name: _group_module(module, tensors, sums) for name, module, tensors, sums in weighted}
     widths = {s.units for sets in found.values() for s, groups in sets if groups}

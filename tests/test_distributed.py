@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             results["fsdp2_init_error"] = f"{type(e).__name__}: {e}"
         if rank == 0:
             (Path(out) / "results.json").write_text(json.dumps(results))
+        (Path(out) / f"done-{rank}").write_text("ok")  # every probe of this rank run and written
     finally:
         dist.destroy_process_group()
 
@@ -122,7 +124,19 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
+    while True:
+        try:
+            if context.join(timeout=5):
+                break
+        except torch.multiprocessing.ProcessExitedException as e:
+            # A rank can abort while torch tears its gloo process group down, after all of its work
+            # ("terminate called without an active exception", SIGABRT; seen once in ~20 runs, under
+            # CI load; cf. pytorch/pytorch#179291). Accepted only when every rank finished and wrote
+            # its results; an abort before that fails the test as before.
+            if all((out / f"done-{rank}").exists() for rank in range(WORLD)):
+                warnings.warn(f"a rank exited abnormally after finishing its work: {e}", stacklevel=1)
+                break
+            raise
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()

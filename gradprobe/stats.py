@@ -970,17 +970,7 @@ def sums_of(tensors: Sequence[torch.Tensor], scratch: Scratch) -> torch.Tensor:
     (a transformer has hundreds); else :func:`sum_and_square_sum` per tensor (DTensor shards summed
     over their mesh), stacked on the first tensor's device.
     """
-    if KERNEL is not None and all(_kernel_can_read(t) and t.is_contiguous() for t in tensors):
-        out = torch.empty(len(tensors), 2, dtype=torch.float64)
-        KERNEL.square_sums_many(
-            [(t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel()) for t in tensors], out.data_ptr(), torch.get_num_threads()
-        )
-        return out
-    if not tensors:
-        return torch.zeros(0, 2, dtype=torch.float64)
-    rows = [_sums(t, scratch, with_sum=True) for t in tensors]
-    device = rows[0].device
-    return torch.stack([r if r.device == device else r.to(device) for r in rows])
+    return sums_and_row_sums(tensors, (0,) * len(tensors), scratch)[0]
 
 
 @torch.no_grad()
@@ -993,27 +983,33 @@ def sums_and_row_sums(
     The row sums are the weights' unit fingerprints for :mod:`gradprobe.diagnose.grouping`: each row
     is summed on its own from its first value, so identical rows get equal sums wherever they lie
     (−0.0 and +0.0 may give sums of either sign of zero, equal under ``==``). The row sums are all
-    None when the kernel cannot read every tensor (then this is :func:`sums_of`); the totals of a
-    tensor read by rows are its rows' sums added in order (other bits than :func:`sums_of`'s)."""
+    None when the kernel cannot read every tensor; the totals of a tensor read by rows are its rows'
+    sums added in order (other bits than without rows)."""
     if len(rows) != len(tensors):
         raise ValueError(f"rows: one row length per tensor, got {len(rows)} for {len(tensors)} tensors")
     if KERNEL is None or not all(_kernel_can_read(t) and t.is_contiguous() for t in tensors):
-        return sums_of(tensors, scratch), [None] * len(tensors)
+        if not tensors:
+            return torch.zeros(0, 2, dtype=torch.float64), []
+        sums = [_sums(t, scratch, with_sum=True) for t in tensors]
+        device = sums[0].device
+        return torch.stack([r if r.device == device else r.to(device) for r in sums]), [None] * len(tensors)
     lengths = [r if r > 0 and t.numel() % r == 0 else 0 for t, r in zip(tensors, rows)]
     counts = [t.numel() // r if r else 0 for t, r in zip(tensors, lengths)]
-    row_sums = torch.empty(sum(counts), dtype=torch.float64)
+    total = sum(counts)
+    row_sums = torch.empty(total, dtype=torch.float64) if total else None
     out = torch.empty(len(tensors), 2, dtype=torch.float64)
     items: list[tuple[int, ...]] = []
     views: list[torch.Tensor | None] = []
     start = 0
     for t, r, n in zip(tensors, lengths, counts):
-        if r and n:
+        if n:
+            assert row_sums is not None
             items.append((t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel(), r, row_sums.data_ptr() + 8 * start))
             views.append(row_sums[start : start + n])
             start += n
         else:
             items.append((t.data_ptr(), _KERNEL_DTYPES[t.dtype], t.numel()))
-            views.append(row_sums[:0] if r else None)
+            views.append(torch.zeros(0, dtype=torch.float64) if r else None)
     KERNEL.square_sums_many(items, out.data_ptr(), torch.get_num_threads())
     return out, views
 
